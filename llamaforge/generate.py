@@ -1,0 +1,113 @@
+"""Token generation: sampling functions, prefill, one-token decode, and `generate()` as a generator.
+
+Token ids in, token ids out: this module knows nothing of text (nanochat `engine.py`). Shapes
+follow gpt-fast `generate.py`: prefill runs the whole prompt through the static KV cache in one
+forward, then each step feeds one token at `input_pos`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import LlamaforgeError
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token. `temperature=0` is greedy."""
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    top_k: int = 0  # 0: off
+    top_p: float = 0.9  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as HF/llama.cpp `repeat_penalty`)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise LlamaforgeError(f"invalid sampling value: {msg}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already-seen tokens by `penalty`. logits: (B, vocab)."""
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, vocab) logits -> (B, vocab) probabilities after temperature, top-k and nucleus filtering."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) token ids."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Run the prompt (B, T) through the cache; return the last position's logits (B, vocab)."""
+    return model(tokens, input_pos, last_only=True)[:, -1]
+
+
+def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One step: token (B, 1) at position input_pos (1,) -> logits (B, vocab)."""
+    return model(token, input_pos)[:, -1]
+
+
+def cache_length(needed: int, limit: int) -> int:
+    """Round cache sizes up so that consecutive calls reuse one allocation."""
+    return min(limit, max(256, 1 << (needed - 1).bit_length()))
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield new token ids one by one until a stop id, max_new_tokens or the context window ends."""
+    ctx = model.config.max_seq_len
+    T = len(prompt)
+    if T == 0:
+        raise LlamaforgeError("the prompt is empty: give at least one token")
+    if T >= ctx:
+        raise LlamaforgeError(f"the prompt is {T} tokens, but the model's context window is {ctx}: shorten the prompt")
+    n_new = min(cfg.max_new_tokens, ctx - T)
+    device = next(model.parameters()).device
+    model.setup_caches(1, cache_length(T + n_new, ctx))
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    seen = torch.tensor([prompt], device=device)
+    logits = prefill(model, seen, torch.arange(T, device=device))
+    for i in range(n_new):
+        if cfg.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        tok = sample(logits, cfg, gen)
+        t = int(tok)
+        yield t
+        if t in stop_ids or i == n_new - 1:
+            return
+        seen = torch.cat([seen, tok.view(1, 1)], dim=1)
+        logits = decode_one_token(model, tok.view(1, 1), torch.tensor([T + i], device=device))

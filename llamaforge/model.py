@@ -1,0 +1,207 @@
+"""The LLaMA transformer, for training and inference: one file, one architecture.
+
+RMSNorm pre-normalization, SwiGLU feed-forward, rotary embeddings (with Llama 3.1 frequency
+scaling), grouped-query attention through `F.scaled_dot_product_attention`, tied or untied output,
+and a static KV cache so a decode step has fixed shapes and can be compiled.
+
+Follows meta-llama `llama/model.py` (names, interleaved-pair RoPE) and gpt-fast `model.py`
+(static `KVCache`, `setup_caches`, mask slicing by `input_pos`). RoPE rotates interleaved pairs
+(x0, x1), (x2, x3), ... as Meta and GGUF checkpoints do; HF checkpoints, which rotate halves,
+are permuted once by the weight loader. This file knows nothing of quantization, LoRA,
+parallelism, compilation or tokenizers: those transform a built model from outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalize in fp32, as Meta and HF do
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency scaling (meta-llama/llama-models `apply_scaling`).
+
+    Wavelengths shorter than original_ctx / high_freq_factor keep their frequency, those longer
+    than original_ctx / low_freq_factor are divided by `factor`, and the band between is blended.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_seq_len"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old_ctx / low, freqs / factor, freqs)
+    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(mid, blended, out)
+
+
+def precompute_rope(head_dim: int, seq_len: int, theta: float, scaling: dict | None = None,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """cos/sin table in fp32: (seq_len, head_dim // 2, 2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)[: head_dim // 2] / head_dim)
+    if scaling:
+        freqs = scale_rope_frequencies(freqs, scaling)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs. x: (B, T, n_heads, head_dim); rope: (T, head_dim // 2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, n_heads, head_dim // 2, 2)
+    rope = rope.view(1, xs.size(1), 1, xs.size(3), 2)
+    cos, sin = rope[..., 0], rope[..., 1]
+    x0, x1 = xs[..., 0], xs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """A static key/value cache: (B, n_kv_heads, max_seq_len, head_dim), written at `input_pos`."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,)
+        B = k.size(0)
+        self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
+        return self.k_cache[:B], self.v_cache[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, S, head_dim)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope: torch.Tensor | None = None  # plain attribute: recomputed on demand, never loaded
+        self.max_batch_size = self.max_seq_len = -1
+
+    def rope(self, seq_len: int, device) -> torch.Tensor:
+        r = self._rope
+        if r is None or r.size(0) < seq_len or r.device != torch.device(device):
+            c = self.config
+            r = precompute_rope(c.head_dim, max(seq_len, 256), c.rope_theta, c.rope_scaling, device)
+            self._rope = r
+        return r
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate static KV caches; forward then needs `input_pos`."""
+        if self.max_batch_size >= max_batch_size and self.max_seq_len >= max_seq_len and dtype is None:
+            return
+        w = self.tok_embeddings.weight
+        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        c = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, w.device)
+        self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device))
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.rope(max_seq_len, w.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_len = -1
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill)."""
+        B, T = tokens.shape
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        if input_pos is None:  # no cache: positions 0..T-1, causal
+            rope, mask = self.rope(T, x.device)[:T], None
+        else:
+            rope = self.rope(self.max_seq_len, x.device)[input_pos]
+            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, max_seq_len)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) for matrices, with the residual projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=std)

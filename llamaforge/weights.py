@@ -1,0 +1,272 @@
+"""Checkpoint formats other than GGUF: Hugging Face safetensors and Meta `consolidated.*.pth`.
+
+Our names are Meta's (`layers.{i}.attention.wq`...). HF names live only in the `HF_NAMES` map.
+HF checkpoints rotate halves in RoPE, Meta and we rotate interleaved pairs: Q/K rows are
+permuted once here (`hf_to_interleaved` / `interleaved_to_hf`, the inverse of transformers'
+`convert_llama_weights_to_hf.permute`). Meta .pth files load with `weights_only=True`, so no
+pickled code ever runs. Models are built on the meta device and filled with `assign=True`
+(gpt-fast `_load_model`), so weights are not copied twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import LlamaforgeError
+from .model import Transformer
+
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+}
+
+
+def _compile(mapping: dict[str, str]):
+    rx = lambda p: re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")  # noqa: E731
+    return [(rx(a), b) for a, b in mapping.items()]
+
+
+_TO_HF = _compile(HF_NAMES)
+_FROM_HF = _compile({v: k for k, v in HF_NAMES.items()})
+
+
+def rename(name: str, table) -> str | None:
+    for pat, out in table:
+        m = pat.match(name)
+        if m:
+            return out.format(**m.groupdict())
+    return None
+
+
+def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half Q/K rows -> interleaved pairs. w: (n_heads * head_dim, dim)."""
+    out_dim, dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, dim).transpose(1, 2).reshape(out_dim, dim)
+
+
+def interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_dim, dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
+
+
+# ---- building a model from a state dict ----
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> Transformer:
+    """Construct on the meta device and assign the given tensors (checked against the config's shapes)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight", None)
+        state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise LlamaforgeError(f"checkpoint does not match the config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                              f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}; is it a llama-architecture model?")
+    for k, shape in expected.items():
+        if tuple(state_dict[k].shape) != tuple(shape):
+            raise LlamaforgeError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config needs {tuple(shape)}: the checkpoint is corrupt or mislabelled")
+    sd = {k: v.to(device=device, dtype=dtype or (v.dtype if v.is_floating_point() else torch.float32)) for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+# ---- Hugging Face ----
+
+def config_from_hf(d: dict) -> ModelConfig:
+    if d.get("model_type", "llama") != "llama" or d.get("attention_bias") or d.get("mlp_bias"):
+        raise LlamaforgeError(f"model_type {d.get('model_type')!r} with biases={bool(d.get('attention_bias') or d.get('mlp_bias'))} "
+                              "is not a plain llama model; llamaforge loads model_type 'llama' without biases")
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    scaling = None
+    rtype = rope.get("rope_type") or rope.get("type")
+    if rtype == "llama3":
+        scaling = {"factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
+                   "high_freq_factor": float(rope["high_freq_factor"]),
+                   "original_max_seq_len": int(rope["original_max_position_embeddings"])}
+    elif rtype not in (None, "default"):
+        raise LlamaforgeError(f"rope scaling type {rtype!r} is not supported (supported: default, llama3)")
+    heads = d["num_attention_heads"]
+    if d.get("head_dim") not in (None, d["hidden_size"] // heads):
+        raise LlamaforgeError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads: not supported")
+    return ModelConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=d.get("num_key_value_heads") or heads, hidden_dim=d["intermediate_size"],
+                       vocab_size=d["vocab_size"], norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                       rope_scaling=scaling, max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                       tie_embeddings=bool(d.get("tie_word_embeddings", False)), name=d.get("_name_or_path", ""))
+
+
+def config_to_hf(cfg: ModelConfig, tokenizer=None) -> dict:
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+         "intermediate_size": cfg.hidden_dim, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "head_dim": cfg.head_dim, "torch_dtype": "float32"}
+    if cfg.rope_scaling:
+        s = cfg.rope_scaling
+        d["rope_scaling"] = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
+                             "high_freq_factor": s["high_freq_factor"], "original_max_position_embeddings": s["original_max_seq_len"]}
+    if tokenizer is not None:
+        for key, i in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id)):
+            if i is not None:
+                d[key] = i
+    return d
+
+
+def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if not all((path / f).exists() for f in files):
+        if any(path.glob("*.bin")):
+            raise LlamaforgeError(f"{path} holds pytorch_model.bin weights; llamaforge reads safetensors only "
+                                  "(convert them with transformers' save_pretrained(safe_serialization=True))")
+        raise LlamaforgeError(f"{path}: missing weight file(s) {[f for f in files if not (path / f).exists()]}")
+    sd = {}
+    for f in files:
+        try:
+            with safe_open(str(path / f), framework="pt") as fh:
+                for name in fh.keys():
+                    ours = rename(name, _FROM_HF)
+                    if ours is None:
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise LlamaforgeError(f"{path / f}: unexpected tensor {name!r} for a llama model")
+                    sd[ours] = fh.get_tensor(name)
+        except SafetensorError as e:
+            raise LlamaforgeError(f"{path / f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    for k, v in list(sd.items()):
+        if k.endswith("attention.wq.weight"):
+            sd[k] = hf_to_interleaved(v, cfg.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            sd[k] = hf_to_interleaved(v, cfg.n_kv_heads)
+    return cfg, sd
+
+
+def atomic_dir(dst: Path):
+    """Write into a temporary sibling directory, then rename it over `dst` (never half-written)."""
+    class _Ctx:
+        def __enter__(self):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            if dst.exists():
+                old = dst.with_name(f".{dst.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dst, old)
+                os.replace(self.tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, dst)
+            return False
+    return _Ctx()
+
+
+def save_hf(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer=None,
+            chat_template: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """A directory transformers loads: config.json, model.safetensors, tokenizer files."""
+    from safetensors.torch import save_file
+    dst = Path(dst)
+    out = {}
+    for k, v in state_dict.items():
+        if cfg.tie_embeddings and k == "output.weight":
+            continue
+        if k.endswith("attention.wq.weight"):
+            v = interleaved_to_hf(v, cfg.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = interleaved_to_hf(v, cfg.n_kv_heads)
+        out[rename(k, _TO_HF)] = v.detach().to(dtype).contiguous()
+    with atomic_dir(dst) as tmp:
+        hf_cfg = config_to_hf(cfg, tokenizer)
+        hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            tc = {"add_bos_token": tokenizer.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": cfg.max_seq_len}
+            for key, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+                if i is not None:
+                    tc[key] = tokenizer.decode([i])
+            if chat_template:
+                tc["chat_template"] = chat_template
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+
+
+# ---- Meta ----
+
+# Meta's model-parallel shards split these along dim 0 (column parallel) or dim 1 (row parallel).
+_META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
+def config_from_meta(params: dict, vocab_size: int) -> ModelConfig:
+    scaling = None
+    if params.get("use_scaled_rope"):
+        scaling = {"factor": float(params.get("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_seq_len": 8192}
+    return ModelConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                       n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
+                       multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                       norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
+                       rope_scaling=scaling, max_seq_len=int(params.get("max_seq_len", 2048)))
+
+
+def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    params = json.loads((path / "params.json").read_text())
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise LlamaforgeError(f"{path} has params.json but no consolidated.*.pth weight files")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:
+            raise LlamaforgeError(f"{f} is not a readable PyTorch checkpoint (truncated, corrupt, or holds code): {e}") from None
+    vocab = params.get("vocab_size", -1)
+    emb = [s["tok_embeddings.weight"] for s in shards]
+    if vocab is None or vocab < 0:
+        vocab = emb[0].shape[0] if len(emb) == 1 or emb[0].shape[1] == params["dim"] else emb[0].shape[0] * len(emb)
+    sd = {}
+    for name in shards[0]:
+        if name == "rope.freqs":
+            continue
+        parts = [s[name] for s in shards]
+        kind = name.split(".")[-2]
+        if len(parts) == 1 or parts[0].dim() == 1:
+            sd[name] = parts[0]
+        elif kind == "tok_embeddings":  # LLaMA 1/2 split the embedding by columns, Llama 3 by rows
+            sd[name] = torch.cat(parts, dim=1 if parts[0].shape[0] == vocab else 0)
+        else:
+            sd[name] = torch.cat(parts, dim=_META_SPLIT[kind])
+    cfg = config_from_meta(params, vocab)
+    if "layers.0.feed_forward.w1.weight" in sd:
+        cfg.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    return cfg, sd

