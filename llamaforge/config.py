@@ -128,3 +128,14 @@ def _entries() -> list[dict]:
 
 CONFIGS: dict[str, dict] = {e["name"]: e for e in _entries()}
 _BY_HF_ID: dict[str, dict] = {e["hf_id"]: e for e in CONFIGS.values() if e.get("hf_id")}
+
+
+def matching_configs(cfg: ModelConfig) -> list[str]:
+    """Names of registry entries with the same architecture shape as `cfg`."""
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
+    out = []
+    for name in CONFIGS:
+        ref = ModelConfig.from_name(name)
+        if all(getattr(ref, k) == getattr(cfg, k) for k in keys):
+            out.append(name)
+    return out

@@ -16,9 +16,10 @@ from .errors import LlamaforgeError
 
 @dataclass
 class SamplingConfig:
-    """How to pick the next token. `temperature=0` is greedy."""
+    """How to pick the next token. `temperature=0` (the default, as in transformers' `generate`) is greedy:
+    small models answer best that way; pass a temperature (0.6-0.8) for varied text."""
     max_new_tokens: int = 256
-    temperature: float = 0.6
+    temperature: float = 0.0
     top_k: int = 0  # 0: off
     top_p: float = 0.9  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as HF/llama.cpp `repeat_penalty`)

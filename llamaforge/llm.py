@@ -193,3 +193,57 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
             if chat_format is not None:
                 raise
     return LLM(net, w.tokenizer, fmt, w)
+
+
+def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
+    """What `llamaforge info` prints, read from headers and metadata only (nothing dequantized)."""
+    import json
+
+    fmt, path = resolve(model)
+    types: dict[str, list[int]] = {}
+
+    def count(typ: str, nbytes: int, nelem: int) -> None:
+        t = types.setdefault(typ, [0, 0, 0])
+        t[0] += 1
+        t[1] += nbytes
+        t[2] += nelem
+
+    template = None
+    if fmt == "gguf":
+        from .gguf import GGUFFile
+        gf = GGUFFile(path)
+        cfg = gf.config()
+        for _, typ, shape, nbytes in gf.tensor_info():
+            count(typ, nbytes, int(torch.Size(shape).numel()))
+        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None else load_tokenizer_file(tokenizer)
+        template = gf.metadata.get("tokenizer.chat_template")
+    elif fmt == "hf":
+        from safetensors import safe_open
+        from .weights import config_from_hf
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    sl = fh.get_slice(name)
+                    n = int(torch.Size(sl.get_shape()).numel())
+                    dt = sl.get_dtype()
+                    count(dt, n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dt, 1), n)
+        tok = None
+    else:
+        cfg, sd = load_meta(path)
+        for v in sd.values():
+            count(str(v.dtype).removeprefix("torch."), v.numel() * v.element_size(), v.numel())
+        tok = None
+    if tok is None:
+        w_tok = tokenizer or next((d for d in (path, path.parent) if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()), None)
+        tok = load_tokenizer_file(w_tok) if w_tok else None
+        template = getattr(tok, "chat_template", None)
+    fmt_name = "none"
+    if tok is not None:
+        try:
+            fmt_name = chat_format_for(tok, template).name
+        except LlamaforgeError:
+            pass
+    tok_desc = f"{tok.kind} ({tok.vocab_size:,} tokens, bos={tok.bos_id}, eos={tok.eos_id})" if tok else "none found"
+    return {"path": path, "format": fmt, "config": cfg, "tokenizer": tok_desc, "chat_format": fmt_name,
+            "types": {k: tuple(v) for k, v in types.items()}}

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:
@@ -171,13 +171,15 @@ class Transformer(nn.Module):
         c = self.config
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, w.device)
-        self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device))
+        mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device))
+        self.register_buffer("causal_mask", mask, persistent=False)  # a buffer, so model.to(device) moves it
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.rope(max_seq_len, w.device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
+        self._buffers.pop("causal_mask", None)
         self.max_batch_size = self.max_seq_len = -1
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

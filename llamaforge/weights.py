@@ -66,6 +66,16 @@ def interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
 
 
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlamaforgeError(f"{path} is not a readable JSON file: {e}") from None
+    if not isinstance(d, dict):
+        raise LlamaforgeError(f"{path} holds a JSON {type(d).__name__}, expected an object")
+    return d
+
+
 # ---- building a model from a state dict ----
 
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
@@ -95,9 +105,18 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
 # ---- Hugging Face ----
 
 def config_from_hf(d: dict) -> ModelConfig:
+    try:
+        return _config_from_hf(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlamaforgeError(f"config.json is missing or has a bad value for {e}: not a complete llama config") from None
+
+
+def _config_from_hf(d: dict) -> ModelConfig:
     if d.get("model_type", "llama") != "llama" or d.get("attention_bias") or d.get("mlp_bias"):
         raise LlamaforgeError(f"model_type {d.get('model_type')!r} with biases={bool(d.get('attention_bias') or d.get('mlp_bias'))} "
                               "is not a plain llama model; llamaforge loads model_type 'llama' without biases")
+    if d.get("hidden_act", "silu") != "silu":
+        raise LlamaforgeError(f"hidden_act {d['hidden_act']!r} is not supported: llama models use silu (SwiGLU)")
     rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
     theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
     scaling = None
@@ -137,9 +156,14 @@ def config_to_hf(cfg: ModelConfig, tokenizer=None) -> dict:
 
 def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = config_from_hf(read_json(path / "config.json"))
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LlamaforgeError(f"{index} has no weight_map: the index is corrupt")
+        files = sorted(set(weight_map.values()))
     if not all((path / f).exists() for f in files):
         if any(path.glob("*.bin")):
             raise LlamaforgeError(f"{path} holds pytorch_model.bin weights; llamaforge reads safetensors only "
@@ -203,7 +227,10 @@ def save_hf(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tenso
             v = interleaved_to_hf(v, cfg.n_heads)
         elif k.endswith("attention.wk.weight"):
             v = interleaved_to_hf(v, cfg.n_kv_heads)
-        out[rename(k, _TO_HF)] = v.detach().to(dtype).contiguous()
+        hf_name = rename(k, _TO_HF)
+        if hf_name is None:
+            raise LlamaforgeError(f"tensor {k!r} has no HF name: save_hf writes plain llama weights only")
+        out[hf_name] = v.detach().to(dtype).contiguous()
     with atomic_dir(dst) as tmp:
         hf_cfg = config_to_hf(cfg, tokenizer)
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -232,41 +259,68 @@ def config_from_meta(params: dict, vocab_size: int) -> ModelConfig:
     if params.get("use_scaled_rope"):
         scaling = {"factor": float(params.get("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_seq_len": 8192}
-    return ModelConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                       n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
-                       multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                       norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-                       rope_scaling=scaling, max_seq_len=int(params.get("max_seq_len", 2048)))
+    try:
+        return ModelConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                           n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
+                           multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                           norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
+                           rope_scaling=scaling, max_seq_len=int(params.get("max_seq_len", 2048)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlamaforgeError(f"params.json is missing or has a bad value for {e}: not a complete Meta llama config") from None
 
 
-def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    params = json.loads((path / "params.json").read_text())
-    files = sorted(path.glob("consolidated.*.pth"))
-    if not files:
-        raise LlamaforgeError(f"{path} has params.json but no consolidated.*.pth weight files")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:
-            raise LlamaforgeError(f"{f} is not a readable PyTorch checkpoint (truncated, corrupt, or holds code): {e}") from None
-    vocab = params.get("vocab_size", -1)
-    emb = [s["tok_embeddings.weight"] for s in shards]
-    if vocab is None or vocab < 0:
-        vocab = emb[0].shape[0] if len(emb) == 1 or emb[0].shape[1] == params["dim"] else emb[0].shape[0] * len(emb)
+def merge_meta_shards(shards: list[dict], dim: int) -> dict[str, torch.Tensor]:
+    """Concatenate model-parallel shards along the dimension each layer was split on."""
+    names = set(shards[0])
+    if any(set(s) != names for s in shards):
+        odd = sorted(set().union(*shards) - set.intersection(*(set(s) for s in shards)))
+        raise LlamaforgeError(f"the consolidated.*.pth shards hold different tensors ({odd[:3]}...): a shard is missing or foreign")
     sd = {}
     for name in shards[0]:
         if name == "rope.freqs":
             continue
         parts = [s[name] for s in shards]
-        kind = name.split(".")[-2]
-        if len(parts) == 1 or parts[0].dim() == 1:
+        kind = name.split(".")[-2] if "." in name else name
+        if len(parts) == 1 or parts[0].dim() == 1:  # one shard, or a replicated norm
             sd[name] = parts[0]
         elif kind == "tok_embeddings":  # LLaMA 1/2 split the embedding by columns, Llama 3 by rows
-            sd[name] = torch.cat(parts, dim=1 if parts[0].shape[0] == vocab else 0)
-        else:
+            sd[name] = torch.cat(parts, dim=1 if parts[0].shape[1] != dim else 0)
+        elif kind in _META_SPLIT:
             sd[name] = torch.cat(parts, dim=_META_SPLIT[kind])
-    cfg = config_from_meta(params, vocab)
+        else:
+            raise LlamaforgeError(f"tensor {name!r} is not part of a llama checkpoint")
+    return sd
+
+
+def torch_load_weights(f: Path) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only: no pickled code runs), mmap'd when possible."""
+    import pickle
+    try:
+        try:
+            return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(f, map_location="cpu", weights_only=True)  # a pre-zipfile (legacy) checkpoint
+    except pickle.UnpicklingError:
+        raise LlamaforgeError(f"{f} holds pickled objects other than tensors; refused, since loading it could run code") from None
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200]  # torch's messages span lines
+        raise LlamaforgeError(f"{f} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
+
+
+def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    params = read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise LlamaforgeError(f"{path} has params.json but no consolidated.*.pth weight files")
+    shards = []
+    for f in files:
+        shards.append(torch_load_weights(f))
+        if not isinstance(shards[-1], dict) or "tok_embeddings.weight" not in shards[-1]:
+            raise LlamaforgeError(f"{f} does not hold a llama state dict (no tok_embeddings.weight)")
+    sd = merge_meta_shards(shards, params.get("dim", -1))
+    cfg = config_from_meta(params, sd["tok_embeddings.weight"].shape[0])  # params.json often says vocab_size -1
     if "layers.0.feed_forward.w1.weight" in sd:
         cfg.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]
     return cfg, sd

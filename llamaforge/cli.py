@@ -1,0 +1,259 @@
+"""The `llamaforge` command: chat, generate, info, convert.
+
+Sampling flags are generated from `SamplingConfig`'s fields, so each default is written once.
+Bad input raises `LlamaforgeError`; `main` prints it on one line and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from .errors import LlamaforgeError
+from .generate import SamplingConfig
+from .llm import DEFAULT_MODEL
+
+SAMPLING_HELP = {
+    "max_new_tokens": "most tokens to generate",
+    "temperature": "sampling temperature; 0 is greedy",
+    "top_k": "keep the k most likely tokens (0: off)",
+    "top_p": "nucleus sampling mass (1.0: off)",
+    "repetition_penalty": "penalize tokens already seen (1.0: off)",
+    "seed": "random seed for reproducible sampling",
+    "stop": "stop when this string appears (repeatable)",
+}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(SamplingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "stop":
+            p.add_argument(flag, action="append", default=None, help=SAMPLING_HELP[f.name])
+        else:
+            typ = int if f.name in ("max_new_tokens", "top_k", "seed") else float
+            p.add_argument(flag, type=typ, default=None, help=f"{SAMPLING_HELP[f.name]} (default: {f.default})")
+
+
+def sampling_kwargs(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig) if getattr(args, f.name) is not None}
+
+
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
+    else:
+        p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"named model, GGUF file, HF or Meta directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model to use instead of the model's own")
+    p.add_argument("--chat-format", default=None, choices=["template", "chatml", "llama2", "llama3"], help="override the chat format")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _load(args):
+    import torch
+    from .llm import load
+    if args.threads:
+        if args.threads < 1:
+            raise LlamaforgeError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> None:
+    kw = sampling_kwargs(args)
+    from .llm import sampling_config
+    sampling_config(**kw)  # validate before the slow load
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise LlamaforgeError("empty prompt: pass --prompt TEXT or pipe text on stdin")
+    llm = _load(args)
+    ids = llm._need_tokenizer().encode(prompt)
+    t0, n = time.perf_counter(), 0
+    if args.echo:
+        _write(prompt)
+    for piece in llm.stream_ids(ids, **kw):
+        _write(piece)
+        n += 1
+    _write("\n")
+    if args.verbose:
+        dt = time.perf_counter() - t0
+        print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s]", file=sys.stderr)
+
+
+def _fit_history(llm, messages: list[dict], reserve: int) -> list[dict]:
+    """Drop the oldest exchanges (keeping the system prompt) until the prompt leaves `reserve` tokens."""
+    ctx = llm.config.max_seq_len
+    msgs = list(messages)
+    while len(llm.chat_ids(msgs)) + reserve > ctx:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            raise LlamaforgeError(f"the message is longer than the model's context window ({ctx} tokens): shorten it")
+        del msgs[first:first + 2]
+        print("[oldest turns dropped to fit the context window]", file=sys.stderr)
+    return msgs
+
+
+def cmd_chat(args) -> None:
+    kw = sampling_kwargs(args)
+    from .llm import sampling_config
+    cfg = sampling_config(**kw)
+    interactive = sys.stdin.isatty()
+    llm = _load(args)
+    if llm.chat_format is None:
+        raise LlamaforgeError("this model has no chat format; pass --chat-format chatml|llama2|llama3")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    reserve = min(cfg.max_new_tokens, llm.config.max_seq_len // 4)
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"llamaforge chat with {llm.config.name or args.model} — /reset clears the history, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            history = list(system)
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history = _fit_history(llm, history + [{"role": "user", "content": line}], reserve)
+        reply = []
+        try:
+            for piece in llm.stream_ids(llm.chat_ids(history), **kw):
+                _write(piece)
+                reply.append(piece)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n[interrupted]", file=sys.stderr)
+        _write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def cmd_info(args) -> None:
+    from .config import matching_configs
+    from .llm import read_info
+    info = read_info(args.model, args.tokenizer)
+    cfg = info["config"]
+    rows = [
+        ("file", str(info["path"])), ("format", info["format"]), ("architecture", "llama"),
+        ("named config", ", ".join(matching_configs(cfg)) or "(none matches)"),
+        ("parameters", f"{cfg.n_params:,} ({cfg.n_params / 1e6:.1f}M)"),
+        ("context length", f"{cfg.max_seq_len:,}"),
+        ("layers / dim / ffn", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
+        ("heads / kv heads / head dim", f"{cfg.n_heads} / {cfg.n_kv_heads} / {cfg.head_dim}"),
+        ("vocab size", f"{cfg.vocab_size:,}"),
+        ("rope", f"theta {cfg.rope_theta:g}" + (f", llama3 scaling x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else "") + ", interleaved pairs"),
+        ("norm eps", f"{cfg.norm_eps:g}"), ("tied output", str(cfg.tie_embeddings)),
+        ("tokenizer", info["tokenizer"]), ("chat format", info["chat_format"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print("\ntensors by type:")
+    total = 0
+    for typ, (count, nbytes, nelem) in sorted(info["types"].items()):
+        total += nbytes
+        print(f"  {typ:<6} {count:>5} tensors  {nelem:>14,} weights  {_human(nbytes):>10}  ({8 * nbytes / max(nelem, 1):.2f} bits/weight)")
+    print(f"  total  {sum(c for c, _, _ in info['types'].values()):>5} tensors  {'':>14}          {_human(total):>10}")
+
+
+def cmd_convert(args) -> None:
+    from .llm import read_weights
+    dst = args.dst
+    if os.path.abspath(dst) == os.path.abspath(args.src):
+        raise LlamaforgeError("convert would overwrite its source: choose another destination")
+    w = read_weights(args.src, args.tokenizer)
+    if args.to == "hf":
+        import torch
+        from .weights import save_hf
+        dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+        if args.dtype not in dtypes:
+            raise LlamaforgeError(f"--dtype {args.dtype} is not available for HF output; use one of {', '.join(dtypes)}")
+        save_hf(dst, w.config, w.state_dict, w.tokenizer, w.chat_template, dtype=dtypes[args.dtype])
+    else:
+        from .gguf import write_gguf
+        write_gguf(dst, w.config, w.state_dict, tokenizer=w.tokenizer, chat_template=w.chat_template,
+                   qtype=args.dtype, name=w.config.name)
+    print(f"wrote {dst} ({args.to}, {args.dtype})", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamaforge", description="Run LLaMA-family models: chat, generate, info, convert.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chat", help="interactive chat (answers each stdin line when piped)")
+    add_model_flags(c)
+    c.add_argument("--system", "-s", default=None, help="system prompt")
+    add_sampling_flags(c)
+    c.set_defaults(func=cmd_chat)
+
+    g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    add_model_flags(g)
+    g.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    g.add_argument("--verbose", "-v", action="store_true", help="print token counts and timing to stderr")
+    add_sampling_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="architecture, config, parameters, tokenizer and tensor types of a model")
+    add_model_flags(i, positional=True)
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("convert", help="convert a model to an HF directory or a GGUF file")
+    v.add_argument("src", help="named model, GGUF file, HF or Meta directory")
+    v.add_argument("dst", help="output directory (hf) or file (gguf)")
+    v.add_argument("--to", required=True, choices=["hf", "gguf"])
+    v.add_argument("--dtype", default=None, help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
+    v.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
+    v.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "convert" and args.dtype is None:
+        args.dtype = "f32" if args.to == "hf" else "f16"
+    try:
+        args.func(args)
+    except LlamaforgeError as e:
+        print(f"llamaforge: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"llamaforge: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
