@@ -1,0 +1,77 @@
+"""The llamaforge command: piped chat, generate, info, convert, and one-line errors on bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamaforge.cli import main
+from llamaforge.llm import resolve
+
+from conftest import needs_default_model
+
+
+def run_cli(*args, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "llamaforge", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None:
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("llamaforge: error:") and fragment in err, err
+
+
+@needs_default_model
+def test_piped_chat_answers_each_line_and_exits():
+    r = run_cli("chat", stdin="What is the capital of France?\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@needs_default_model
+def test_generate_and_info(capsys):
+    assert main(["generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert "Paris" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("smollm2-135m-instruct", "Q4_1", "Q8_0", "134,515,008", "8,192", "bpe"):
+        assert needle in out
+
+
+@needs_default_model
+def test_convert_to_hf_then_generate_the_same(tmp_path, capsys):
+    dst = tmp_path / "hf"
+    assert main(["convert", "smollm2-135m-instruct", str(dst), "--to", "hf"]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in dst.iterdir()}
+    args = ["generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "8"]
+    main(args)
+    gguf_out = capsys.readouterr().out
+    main(args + ["--model", str(dst)])
+    assert capsys.readouterr().out == gguf_out
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["info", "no-such-model"], "unknown model"),
+    (["info", "llama-2-7b"], "not on this machine"),
+    (["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"], "no such file"),
+    (["generate", "-p", "hi", "--top-p", "1.5"], "top_p"),
+    (["generate", "-p", "hi", "--temperature", "-1"], "temperature"),
+])
+def test_bad_input_one_line_errors(args, fragment):
+    assert_one_line_error(run_cli(*args), fragment)
+
+
+@needs_default_model
+def test_corrupt_gguf_and_too_long_prompt(tmp_path):
+    _, src = resolve("smollm2-135m-instruct")
+    bad = tmp_path / "truncated.gguf"
+    with open(src, "rb") as fh:
+        bad.write_bytes(fh.read(1 << 20))
+    assert_one_line_error(run_cli("info", str(bad)), "not a readable GGUF file")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + os.urandom(4096))
+    assert_one_line_error(run_cli("generate", "-m", str(garbage), "-p", "hi"), "GGUF")
+    assert_one_line_error(run_cli("generate", "-p", "word " * 9000), "context window")
