@@ -26,6 +26,10 @@ SAMPLING_HELP = {
 }
 
 
+# Modules that contribute subcommands (see build_parser).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SamplingConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -231,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=None, help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
     v.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
     v.set_defaults(func=cmd_convert)
+
+    # Other concerns add their own subcommands: each module listed here defines
+    # `add_commands(subparsers)` and keeps its heavy imports inside the command functions.
+    import importlib
+    for mod in COMMAND_MODULES:
+        importlib.import_module(f"llamaforge.{mod}").add_commands(sub)
     return p
 
 

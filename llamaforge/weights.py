@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, matching_configs
 from .errors import LlamaforgeError
 from .model import Transformer
 
@@ -323,4 +323,13 @@ def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = config_from_meta(params, sd["tok_embeddings.weight"].shape[0])  # params.json often says vocab_size -1
     if "layers.0.feed_forward.w1.weight" in sd:
         cfg.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    # params.json records neither the context window nor (for Llama 3.2) the rope scaling factor:
+    # take them from the named config of the same shape when there is one.
+    named = matching_configs(cfg)
+    if named:
+        ref = ModelConfig.from_name(named[0])
+        cfg.max_seq_len = params.get("max_seq_len", ref.max_seq_len)
+        if cfg.rope_scaling and ref.rope_scaling and "rope_scaling_factor" not in params:
+            cfg.rope_scaling = dict(ref.rope_scaling)
+        cfg.name = cfg.name or named[0]
     return cfg, sd
