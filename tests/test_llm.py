@@ -26,8 +26,10 @@ def mean_nll(logits: torch.Tensor, ids: list[int]) -> float:
 
 
 @needs_default_model
-def test_capital_of_france_greedy(default_llm):
-    answer = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_new_tokens=32)
+@pytest.mark.parametrize("which", ["default_llm", "default_llm_q"])
+def test_capital_of_france_greedy(which, request):
+    llm = request.getfixturevalue(which)
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_new_tokens=32)
     assert "Paris" in answer
 
 

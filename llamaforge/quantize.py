@@ -1,0 +1,274 @@
+"""Weight-only quantization: int8 (per output channel) and int4 (groupwise, asymmetric) Linear
+layers with PyTorch's packed CPU kernels, GGUF block repacking, and `quantize_model()`.
+
+Order as gpt-fast `quantize.py`: tensor primitives, then modules holding buffers, then functions
+that swap modules of a built model in place (model.py knows nothing of this).
+
+Kernels (measured on the 2-core AVX-512 CI machine, see shared/PERF-NOTES.md): few-row inputs
+(decode) go through `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int8pack_mm` with bf16
+activations, which are fast only with bf16 inputs; many-row inputs (prefill, training) dequantize
+the weight to the activation dtype and use the fp32 GEMM, which beats the packed kernels there.
+On other devices the same modules dequantize and run a dense matmul (bf16 on CUDA).
+
+The int4 format is tinygemm's: w = (q - 8) * scale + zero, q in 0..15, one (scale, zero) per
+group of `group_size` inputs. GGUF Q4_0 (w = (q - 8) d) and Q4_1 (w = q d + m) blocks of 32 map
+onto it exactly (scale = d, zero = 0 or m + 8d; ggml-quants.c), up to rounding d and m to bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LlamaforgeError
+
+DECODE_ROWS = 16  # inputs with at most this many rows use the packed kernels; more rows dequantize
+OUTPUT_REFINE = 64  # top logits per row recomputed in fp32 by a quantized output layer
+
+
+# ---- tensor primitives ----
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w (N, K) -> q int8 (N, K), scales bf16 (N,).
+
+    Scales are bf16 because the packed kernel takes them so; q is computed against the rounded scale."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127.0).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric groupwise int4: w (N, K) -> q uint8 (N, K) in 0..15, scales and zeros (N, K // G).
+
+    scale = (max - min) / 15 per group and w ~ (q - 8) * scale + zero with zero = min + 8 scale.
+    """
+    N, K = w.shape
+    if K % group_size:
+        raise LlamaforgeError(f"int4 needs in_features ({K}) divisible by the group size ({group_size})")
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(N, K), scales, lo + 8 * scales
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    N, K = q.shape
+    G = K // scales.size(1)
+    g = q.reshape(N, -1, G).to(dtype) - 8
+    return (g * scales[..., None].to(dtype) + zeros[..., None].to(dtype)).reshape(N, K)
+
+
+def _probe_cpu_int4_layout() -> int:
+    """Block width of `_convert_weight_to_int4pack_for_cpu` on this CPU (64 on AVX-512, 32 on AVX2), found by
+    packing a known matrix: rows n and n + width/2 of each block share a byte, k-major inside the block."""
+    N, K = 128, 64
+    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for width in (64, 32, 16, 8):
+        try:
+            if torch.equal(_unpack_blocked(packed, N, K, width), q.to(torch.uint8)):
+                return width
+        except RuntimeError:
+            continue
+    return 0
+
+
+def _unpack_blocked(packed: torch.Tensor, N: int, K: int, width: int) -> torch.Tensor:
+    b = packed.reshape(N // width, K, width // 2)  # (N / width, K, width / 2)
+    q = torch.cat([b & 0x0F, b >> 4], dim=2)  # (N / width, K, width)
+    return q.permute(0, 2, 1).reshape(N, K)
+
+
+_CPU_INT4_WIDTH: int | None = None
+
+
+def cpu_int4_width() -> int:
+    global _CPU_INT4_WIDTH
+    if _CPU_INT4_WIDTH is None:
+        _CPU_INT4_WIDTH = _probe_cpu_int4_layout()
+    return _CPU_INT4_WIDTH
+
+
+# ---- modules ----
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 rows and one bf16 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Int8Linear":
+        m = cls(w.size(1), w.size(0), device=w.device)
+        m.weight, m.scales = quantize_int8(w)
+        return m
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales[:, None].to(dtype)
+
+    refine = 0  # for output layers: recompute this many top logits per row exactly (see forward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.size(0) <= DECODE_ROWS and x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+            if self.refine:
+                # The kernel's bf16 output keeps ~3 significant digits: logits near 20 come out in steps
+                # of 0.125, enough to tie or swap the top candidates. Recompute the best `refine` in fp32.
+                idx = y.topk(self.refine, dim=-1).indices  # (R, refine)
+                rows = self.weight[idx].float() * self.scales[idx].float()[..., None]  # (R, refine, K)
+                y = y.scatter(-1, idx, torch.bmm(rows, x2.float()[..., None]).squeeze(-1).to(y.dtype))
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W as groupwise int4 (tinygemm format), packed for the CPU kernel when on CPU.
+
+    Buffers: `weight` (packed nibbles), `scales_and_zeros` (K // G, N, 2) bf16; `layout` says how
+    the nibbles are packed ('cpu:W' for the CPU kernel's W-row blocks, 'rows' for plain row-major)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.layout = "rows"
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, pack_for_cpu: bool = True) -> "Int4Linear":
+        """q (N, K) uint8 0..15, scales/zeros (N, K // G)."""
+        N, K = q.shape
+        m = cls(K, N, K // scales.size(1))
+        m.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        width = cpu_int4_width() if pack_for_cpu and q.device.type == "cpu" else 0
+        if width and N % width == 0 and K % 2 == 0:
+            m.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            m.layout = f"cpu:{width}"
+        else:
+            m.weight = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+            m.layout = "rows"
+        return m
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "Int4Linear":
+        return cls.from_int4(*quantize_int4(w, group_size))
+
+    def int4_values(self) -> torch.Tensor:
+        N, K = self.out_features, self.in_features
+        if self.layout == "rows":
+            return torch.stack([self.weight & 0x0F, self.weight >> 4], dim=-1).reshape(N, K)
+        return _unpack_blocked(self.weight, N, K, int(self.layout.split(":")[1]))
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        sz = self.scales_and_zeros  # (K // G, N, 2)
+        return dequantize_int4(self.int4_values(), sz[..., 0].t(), sz[..., 1].t(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.size(0) <= DECODE_ROWS and self.layout.startswith("cpu"):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
+                                                           self.scales_and_zeros).to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, layout={self.layout}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding as int8 rows + per-row scales; shares its buffers with a tied Int8Linear output."""
+
+    def __init__(self, table: Int8Linear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.weight[ids].float() * self.table.scales[ids][..., None].float()
+
+
+# ---- whole models ----
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
+    """Swap the model's projections for int8/int4 layers in place; the embedding and output become int8
+    (tied models share one int8 table). Returns the model."""
+    if mode not in ("int8", "int4"):
+        raise LlamaforgeError(f"unknown quantization mode {mode!r}: use int8 or int4")
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    w = child.weight.detach()
+                    parent.add_module(name, Int4Linear.from_float(w, group_size) if mode == "int4" else Int8Linear.from_float(w))
+    quantize_embeddings(model)
+    return model
+
+
+def quantize_embeddings(model: nn.Module) -> None:
+    """int8 embedding table and output layer (one shared table when tied)."""
+    emb = model.tok_embeddings
+    if isinstance(emb, Int8Embedding):
+        return
+    table = Int8Linear.from_float(emb.weight.detach())
+    model.tok_embeddings = Int8Embedding(table)
+    model.output = table if model.config.tie_embeddings else Int8Linear.from_float(model.output.weight.detach())
+    model.output.refine = OUTPUT_REFINE
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, shared tensors counted once (KV caches excluded)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "cache" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ---- GGUF blocks -> quantized modules ----
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    # (rows, n_blocks, 16) bytes -> (rows, n_blocks, 32): low nibbles are values 0..15, high 16..31 (ggml-quants.c)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def int4_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 blocks (rows, bytes per row) uint8 -> (q (N, K) uint8, scales, zeros (N, K // 32)), exactly.
+
+    Q4_0 block: f16 d, 16 bytes; w = (q - 8) d  -> scale d, zero 0.
+    Q4_1 block: f16 d, f16 m, 16 bytes; w = q d + m = (q - 8) d + (m + 8 d)  -> scale d, zero m + 8 d."""
+    N, K = shape
+    header = {"Q4_0": 2, "Q4_1": 4}[qtype]
+    blocks = raw.reshape(N, K // 32, header + 16)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # (N, K // 32)
+    q = _nibbles(blocks[..., header:]).reshape(N, K)
+    if qtype == "Q4_0":
+        return q, d, torch.zeros_like(d)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    return q, d, m + 8 * d
+
+
+def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], dequantize, mode: str = "auto",
+                     group_size: int = 32) -> nn.Module | None:
+    """A quantized Linear for one GGUF weight, or None to keep it as a float tensor.
+
+    mode 'auto' keeps the file's precision class: Q4_0/Q4_1 repack exactly into int4, other 4/5-bit
+    types requantize to int4, 6- and 8-bit types to int8, float types stay float. 'int8' / 'int4'
+    force that format. `dequantize()` returns the fp32 tensor when a requantization needs it."""
+    bits = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q2_K": 4, "Q3_K": 4,
+            "Q6_K": 8, "Q8_0": 8, "Q8_K": 8}.get(qtype, 16)
+    target = mode if mode in ("int8", "int4") else {4: "int4", 5: "int4", 8: "int8"}.get(bits)
+    if target is None:
+        return None
+    if target == "int4" and qtype in ("Q4_0", "Q4_1") and group_size == 32:
+        return Int4Linear.from_int4(*int4_from_gguf(raw, qtype, shape))
+    w = dequantize()
+    return Int4Linear.from_float(w, group_size) if target == "int4" else Int8Linear.from_float(w)
