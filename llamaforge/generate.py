@@ -86,8 +86,10 @@ def cache_length(needed: int, limit: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] = frozenset()) -> Iterator[int]:
-    """Yield new token ids one by one until a stop id, max_new_tokens or the context window ends."""
+def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] = frozenset(),
+             decode=decode_one_token) -> Iterator[int]:
+    """Yield new token ids one by one until a stop id, max_new_tokens or the context window ends.
+    `decode` replaces `decode_one_token`, e.g. by its torch.compile'd version."""
     ctx = model.config.max_seq_len
     T = len(prompt)
     if T == 0:
@@ -111,4 +113,4 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] =
         if t in stop_ids or i == n_new - 1:
             return
         seen = torch.cat([seen, tok.view(1, 1)], dim=1)
-        logits = decode_one_token(model, tok.view(1, 1), torch.tensor([T + i], device=device))
+        logits = decode(model, tok.view(1, 1), torch.tensor([T + i], device=device))

@@ -17,7 +17,7 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, generate
+from .generate import SamplingConfig, decode_one_token, generate
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -84,7 +84,8 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
         from .gguf import GGUFFile
         gf = GGUFFile(path)
         cfg, sd = gf.config(), (gf.state_dict() if tensors else {})
-        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None else None
+        has_tok = "tokenizer.ggml.model" in gf.metadata  # a weights-only GGUF loads too; text needs --tokenizer
+        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None and has_tok else None
         template = gf.metadata.get("tokenizer.chat_template")
     else:
         cfg, sd = load_hf(path) if fmt == "hf" else load_meta(path)
@@ -111,6 +112,13 @@ class LLM:
         self.chat_format = chat_format
         self.source = source
         self.device = next(model.parameters()).device
+        self.decode = decode_one_token
+
+    def compile(self) -> "LLM":
+        """Compile the single-token decode step (static shapes over the static KV cache).
+        The first token after each new cache size pays the compilation; later tokens run fused code."""
+        self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+        return self
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -132,7 +140,7 @@ class LLM:
         out: list[int] = []
         emitted = 0
         hold = max((len(s) for s in cfg.stop), default=0)
-        for t in generate(self.model, ids, cfg, tok.stop_ids):
+        for t in generate(self.model, ids, cfg, tok.stop_ids, self.decode):
             if t in tok.stop_ids:
                 break
             out.append(t)
@@ -235,7 +243,7 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
         cfg = gf.config()
         for _, typ, shape, nbytes in gf.tensor_info():
             count(typ, nbytes, int(torch.Size(shape).numel()))
-        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None else load_tokenizer_file(tokenizer)
+        tok = load_tokenizer_file(tokenizer) if tokenizer else (tokenizer_from_gguf(gf.metadata) if "tokenizer.ggml.model" in gf.metadata else None)
         template = gf.metadata.get("tokenizer.chat_template")
     elif fmt == "hf":
         from safetensors import safe_open
@@ -286,26 +294,32 @@ def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, 
         name = map_name(gname, to_gguf=False)
         if name is None:
             raise LlamaforgeError(f"{gf.path}: unexpected tensor {gname!r} for a llama model")
-        if len(t.shape) == 2 and name.startswith("layers."):
-            mod = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, lambda g=gname: gf.tensor(g), mode, group_size)
+        if t.qtype.name not in ("F32", "F16", "BF16") or mode in ("int8", "int4"):
+            if name in ("tok_embeddings.weight", "output.weight"):  # int8 table (Q8_0-class precision)
+                table = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, "int8")
+                if name == "tok_embeddings.weight":
+                    net.tok_embeddings = Int8Embedding(table.to(device))
+                    if cfg.tie_embeddings:
+                        net.output = net.tok_embeddings.table
+                else:
+                    net.output = table.to(device)
+                gf.release(gname)
+                continue
+            mod = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, mode, group_size) if len(t.shape) == 2 else None
             if mod is not None:
                 parent, attr = name.removesuffix(".weight").rsplit(".", 1)
                 net.get_submodule(parent).add_module(attr, mod.to(device))
+                gf.release(gname)
                 continue
-        floats[name] = gf.tensor(name=gname)
-    # embedding and output: int8 unless the file keeps them in float and no quantization was asked
-    emb = floats.pop("tok_embeddings.weight")
-    out = floats.pop("output.weight", None)
-    emb_type = gf.tensors["token_embd.weight"].qtype.name
-    if mode in ("int8", "int4") or emb_type not in ("F32", "F16", "BF16"):
-        table = Int8Linear.from_float(emb).to(device)
-        net.tok_embeddings = Int8Embedding(table)
-        net.output = table if cfg.tie_embeddings else Int8Linear.from_float(out).to(device)
+        floats[name] = gf.tensor(gname).to(dtype=dtype).clone()  # own copy: the mapping is released below
+        gf.release(gname)
+    if isinstance(net.output, Int8Linear):
         net.output.refine = OUTPUT_REFINE
-    else:
-        net.tok_embeddings = nn.Embedding.from_pretrained(emb.to(device=device, dtype=dtype), freeze=False)
-        net.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
-        net.output.weight = net.tok_embeddings.weight if cfg.tie_embeddings else nn.Parameter(out.to(device=device, dtype=dtype))
+    if "tok_embeddings.weight" in floats:  # a float table, kept float
+        net.tok_embeddings = nn.Embedding.from_pretrained(floats.pop("tok_embeddings.weight").to(device), freeze=False)
+        if cfg.tie_embeddings:
+            net.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
+            net.output.weight = net.tok_embeddings.weight
     missing = [k for k, v in net.state_dict(keep_vars=True).items() if v.is_meta and k not in floats]
     if missing:
         raise LlamaforgeError(f"{gf.path}: missing tensors {missing[:4]}: the file is incomplete")

@@ -53,6 +53,15 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, 
     return q.reshape(N, K), scales, lo + 8 * scales
 
 
+ROW_CHUNK = 2048  # rows quantized at a time, so a 7B embedding never needs a whole fp32 copy plus temporaries
+
+
+def quantize_rows(rows, n_rows: int, fn):
+    """Apply a row-wise quantizer `fn` to rows(start, end) -> fp32 chunk, concatenating the outputs."""
+    parts = [fn(rows(s, min(s + ROW_CHUNK, n_rows))) for s in range(0, n_rows, ROW_CHUNK)]
+    return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+
+
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     N, K = q.shape
     G = K // scales.size(1)
@@ -104,8 +113,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Linear":
-        m = cls(w.size(1), w.size(0), device=w.device)
-        m.weight, m.scales = quantize_int8(w)
+        return cls.from_rows(lambda s, e: w[s:e], w.size(0), w.size(1), w.device)
+
+    @classmethod
+    def from_rows(cls, rows, n_rows: int, n_cols: int, device=None) -> "Int8Linear":
+        """rows(start, end) -> fp32 (end - start, n_cols): quantized a chunk at a time."""
+        m = cls(n_cols, n_rows, device=device)
+        m.weight, m.scales = quantize_rows(rows, n_rows, quantize_int8)
         return m
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
@@ -158,7 +172,11 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 32) -> "Int4Linear":
-        return cls.from_int4(*quantize_int4(w, group_size))
+        return cls.from_rows(lambda s, e: w[s:e], w.size(0), group_size)
+
+    @classmethod
+    def from_rows(cls, rows, n_rows: int, group_size: int = 32) -> "Int4Linear":
+        return cls.from_int4(*quantize_rows(rows, n_rows, lambda w: quantize_int4(w, group_size)))
 
     def int4_values(self) -> torch.Tensor:
         N, K = self.out_features, self.in_features
@@ -198,7 +216,8 @@ class Int8Embedding(nn.Module):
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Swap the model's projections for int8/int4 layers in place; the embedding and output become int8
-    (tied models share one int8 table). Returns the model."""
+    (tied models share one int8 table). int4 layers whose inputs are not a whole number of groups stay
+    int8. Returns the model."""
     if mode not in ("int8", "int4"):
         raise LlamaforgeError(f"unknown quantization mode {mode!r}: use int8 or int4")
     for block in model.layers:
@@ -206,7 +225,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     w = child.weight.detach()
-                    parent.add_module(name, Int4Linear.from_float(w, group_size) if mode == "int4" else Int8Linear.from_float(w))
+                    int4 = mode == "int4" and w.size(1) % group_size == 0  # otherwise int8, as llama.cpp falls back
+                    parent.add_module(name, Int4Linear.from_float(w, group_size) if int4 else Int8Linear.from_float(w))
     quantize_embeddings(model)
     return model
 
@@ -256,13 +276,14 @@ def int4_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> tup
     return q, d, m + 8 * d
 
 
-def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], dequantize, mode: str = "auto",
+def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], mode: str = "auto",
                      group_size: int = 32) -> nn.Module | None:
-    """A quantized Linear for one GGUF weight, or None to keep it as a float tensor.
+    """A quantized Linear for one GGUF weight (raw: (rows, bytes per row) uint8), or None to keep it float.
 
     mode 'auto' keeps the file's precision class: Q4_0/Q4_1 repack exactly into int4, other 4/5-bit
     types requantize to int4, 6- and 8-bit types to int8, float types stay float. 'int8' / 'int4'
-    force that format. `dequantize()` returns the fp32 tensor when a requantization needs it."""
+    force that format. Requantization dequantizes a chunk of rows at a time."""
+    from .gguf import dequantize
     bits = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q2_K": 4, "Q3_K": 4,
             "Q6_K": 8, "Q8_0": 8, "Q8_K": 8}.get(qtype, 16)
     target = mode if mode in ("int8", "int4") else {4: "int4", 5: "int4", 8: "int8"}.get(bits)
@@ -270,5 +291,7 @@ def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], dequ
         return None
     if target == "int4" and qtype in ("Q4_0", "Q4_1") and group_size == 32:
         return Int4Linear.from_int4(*int4_from_gguf(raw, qtype, shape))
-    w = dequantize()
-    return Int4Linear.from_float(w, group_size) if target == "int4" else Int8Linear.from_float(w)
+    import gguf
+    N, K = shape
+    rows = lambda s, e: dequantize(raw[s:e], gguf.GGMLQuantizationType[qtype], (e - s, K))  # noqa: E731
+    return Int4Linear.from_rows(rows, N, group_size) if target == "int4" else Int8Linear.from_rows(rows, N, K)
