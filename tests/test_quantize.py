@@ -41,6 +41,16 @@ def test_int4_linear_within_bound(rows, group_size):
     assert rel_err(lin(x), x @ w.t()) < 0.12  # 4-bit: ~1/30 of each group's range
 
 
+def test_own_packing_equals_atens():
+    from llamaforge.quantize import _pack_blocked, cpu_int4_width
+    width = cpu_int4_width()
+    if not width:
+        pytest.skip("the CPU int4 kernel layout is unknown on this machine")
+    q = torch.randint(0, 16, (256, 96), dtype=torch.uint8)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(_pack_blocked(q, width), ref.view(256, 48))
+
+
 def test_int4_rows_layout_matches_cpu_layout():
     w, x = torch.randn(128, 64), torch.randn(2, 64)
     packed, rows = Int4Linear.from_float(w), Int4Linear.from_int4(*quantize_int4(w), pack_for_cpu=False)
