@@ -113,8 +113,14 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
             S = mask.size(-1)  # per-row positions attend only to the filled prefix (see Transformer.forward)
             k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1 and input_pos is not None and input_pos.dim() == 2:
+            # per-row positions (batched decode): fold each group's query heads into the query axis
+            # rather than copying K/V rep times; mask rows tile to match: folded row r*T + t is row t
+            q = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1)).view(B, self.n_heads, T, -1)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if rep > 1:
             k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, S, head_dim)
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
@@ -151,7 +157,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # _weight skips nn.Embedding's normal_() init (which imports torch._dynamo: ~1 s at first load);
+        # init_weights() initializes for training, loaders assign checkpoint tensors.
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -248,3 +248,51 @@ def test_meta_hidden_dim_rule():
     assert ModelConfig(dim=4096, n_layers=1, n_heads=32, vocab_size=8).hidden_dim == 11008
     assert ModelConfig(dim=4096, n_layers=1, n_heads=32, vocab_size=8, ffn_dim_multiplier=1.3, multiple_of=1024).hidden_dim == 14336
     assert ModelConfig(dim=8192, n_layers=1, n_heads=64, vocab_size=8, ffn_dim_multiplier=1.3, multiple_of=4096).hidden_dim == 28672
+
+
+# ---- per-row positions (B, T): rows at different lengths decode together ----
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@torch.no_grad()
+def test_per_row_positions_match_full_forward(n_kv_heads):
+    # Row b starts `delay[b]` steps late: until then it re-feeds its first token at position 0
+    # (an idempotent cache write), so the rows sit at different lengths in every later step.
+    model = tiny(n_kv_heads=n_kv_heads)
+    tokens = torch.randint(0, 256, (3, 16))
+    delay = [0, 5, 9]
+    model.setup_caches(4, 64)  # a cache with a spare row
+    pos = torch.tensor([0, 0, 0])
+    got = [[] for _ in delay]
+    for step in range(16 + max(delay)):
+        active = [step >= d for d in delay]
+        feed = torch.stack([tokens[b, min(int(pos[b]), 15)] for b in range(3)])[:, None]  # (B, 1)
+        logits = model(feed, pos[:, None])[:, 0]  # (B, vocab)
+        for b in range(3):
+            if active[b] and pos[b] < 16:
+                got[b].append(logits[b])
+        pos = torch.tensor([min(int(p) + a, 16) for p, a in zip(pos, active)])
+    for b in range(3):
+        full = model(tokens[b:b + 1])[0]
+        assert (torch.stack(got[b]) - full).abs().max().item() <= TOL, b
+
+
+@torch.no_grad()
+def test_per_row_prefill_equals_shared_positions():
+    model = tiny()
+    tokens = torch.randint(0, 256, (2, 12))
+    full = model(tokens)
+    model.setup_caches(2, 32)
+    pre = model(tokens[:, :7], torch.arange(7).expand(2, 7), last_only=True)  # (B, T) path
+    assert (pre[:, 0] - full[:, 6]).abs().max().item() <= TOL
+    steps = [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(7, 12)]  # then the (T,) path
+    assert (torch.cat(steps, 1) - full[:, 7:]).abs().max().item() <= TOL
+
+
+def test_kv_cache_update_per_row_positions():
+    cache = KVCache(3, 8, 2, 4)
+    k = torch.arange(2.0)[:, None, None, None].expand(2, 2, 2, 4) + 1  # row 0 writes 1s, row 1 writes 2s
+    ck, cv = cache.update(torch.tensor([[0, 1], [5, 6]]), k, -k)
+    assert ck.shape == (2, 2, 8, 4)
+    assert ck[0, :, :2].eq(1).all() and ck[0, :, 2:].eq(0).all()
+    assert ck[1, :, 5:7].eq(2).all() and ck[1, :, :5].eq(0).all() and cv[1, :, 5:7].eq(-2).all()
+    assert cache.k_cache[2].eq(0).all()
