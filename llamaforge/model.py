@@ -114,16 +114,16 @@ class Attention(nn.Module):
             S = mask.size(-1)  # per-row positions attend only to the filled prefix (see Transformer.forward)
             k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
         rep = self.n_heads // self.n_kv_heads
-        if rep > 1 and input_pos is not None and input_pos.dim() == 2:
-            # per-row positions (batched decode): fold each group's query heads into the query axis
-            # rather than copying K/V rep times; mask rows tile to match: folded row r*T + t is row t
+        if rep > 1 and mask is not None:
+            # with a cache: fold each group's query heads into the query axis rather than copying the
+            # cached K/V rep times; mask rows tile to match (folded row r*T + t is row t)
             q = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1)).view(B, self.n_heads, T, -1)
-            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, S, head_dim)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        else:
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
+                v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
