@@ -196,6 +196,7 @@ def atomic_dir(dst: Path):
         def __enter__(self):
             dst.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+            self.tmp.chmod(0o755)  # mkdtemp makes 0700; a saved model should be readable like any directory
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
@@ -239,6 +240,8 @@ def save_hf(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tenso
         if tokenizer is not None:
             tokenizer.save(tmp)
             tc = {"add_bos_token": tokenizer.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  # transformers 5 needs the class to keep SentencePiece's leading-space marker
+                  **({"tokenizer_class": "LlamaTokenizer"} if tokenizer.kind == "sentencepiece" else {}),
                   "model_max_length": cfg.max_seq_len}
             for key, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
                 if i is not None:
