@@ -324,4 +324,15 @@ def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, 
     if missing:
         raise LlamaforgeError(f"{gf.path}: missing tensors {missing[:4]}: the file is incomplete")
     net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
+    _trim_heap()
     return net.eval()
+
+
+def _trim_heap() -> None:
+    """Hand the repacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
