@@ -27,7 +27,7 @@ SAMPLING_HELP = {
 
 
 # Modules that contribute subcommands (see build_parser).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("perplexity", "data", "train", "accounting", "serve", "eval")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,9 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--chat-format", default=None, choices=["template", "chatml", "llama2", "llama3"], help="override the chat format")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights in memory: auto keeps GGUF blocks quantized (int4/int8), none dequantizes to float")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call, faster tokens)")
 
 
 def _load(args):
@@ -62,7 +65,11 @@ def _load(args):
         if args.threads < 1:
             raise LlamaforgeError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device)
+    llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
+               quantize=getattr(args, "quantize", "auto"))
+    if getattr(args, "compile", False):
+        llm.compile()
+    return llm
 
 
 def _write(text: str) -> None:
@@ -206,6 +213,31 @@ def cmd_convert(args) -> None:
     print(f"wrote {dst} ({args.to}, {args.dtype})", file=sys.stderr)
 
 
+def cmd_quantize(args) -> None:
+    from .gguf import write_gguf
+    from .llm import read_weights
+    if args.group_size != 32:
+        raise LlamaforgeError("GGUF Q4/Q8 blocks hold 32 weights: --group-size must be 32 for GGUF output")
+    if os.path.abspath(args.dst) == os.path.abspath(args.src):
+        raise LlamaforgeError("quantize would overwrite its source: choose another destination")
+    qtype = {"int8": "q8_0", "int4": args.int4_format}[args.mode]
+    w = read_weights(args.src, args.tokenizer)
+    report = write_gguf(args.dst, w.config, w.state_dict, tokenizer=w.tokenizer, chat_template=w.chat_template,
+                        qtype=qtype, name=w.config.name)
+    print(f"{'tensor':<28} {'type':<5} {'max |w|':>9} {'max |err|':>10} {'rel':>7}")
+    for gname, (ttype, err) in report.items():
+        ours = w.state_dict.get(_ours(gname))
+        peak = float(ours.abs().max()) if ours is not None and ours.numel() else 0.0
+        if args.verbose or ttype != "F32":
+            print(f"{gname:<28} {ttype:<5} {peak:>9.4f} {err:>10.6f} {err / peak if peak else 0:>7.2%}")
+    print(f"wrote {args.dst} ({qtype.upper()}, {os.path.getsize(args.dst) / 1e6:.1f} MB)", file=sys.stderr)
+
+
+def _ours(gguf_name: str) -> str | None:
+    from .gguf import map_name
+    return map_name(gguf_name, to_gguf=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamaforge", description="Run LLaMA-family models: chat, generate, info, convert.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -235,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=None, help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
     v.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
     v.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="quantize a model to a GGUF file (Q8_0 / Q4_0 / Q4_1) llamaforge and llama.cpp load")
+    q.add_argument("src", help="named model, GGUF file, HF or Meta directory")
+    q.add_argument("dst", help="output .gguf file")
+    q.add_argument("--mode", required=True, choices=["int8", "int4"])
+    q.add_argument("--group-size", type=int, default=32, help="weights per scale (GGUF blocks: 32)")
+    q.add_argument("--int4-format", default="q4_0", choices=["q4_0", "q4_1"], help="int4 block type (q4_1 adds a minimum per block)")
+    q.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
+    q.add_argument("--verbose", "-v", action="store_true", help="also list float tensors")
+    q.set_defaults(func=cmd_quantize)
 
     # Other concerns add their own subcommands: each module listed here defines
     # `add_commands(subparsers)` and keeps its heavy imports inside the command functions.
