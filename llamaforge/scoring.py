@@ -78,7 +78,7 @@ def forward_hidden(model, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.T
     return x, kvs
 
 
-def token_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+def token_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
     """hidden (N, dim) at distinct positions; rows, targets (M,): log p(target | the position `rows[m]`)
     (M,) and whether the target is that position's argmax. A position shared by several choices
     (their common prefix) runs the output layer once."""
