@@ -49,8 +49,13 @@ def request_by_request(forward, tok, docs) -> tuple[list[list[float]], int]:
     return out, tokens
 
 
+def picks(lls: list[list[float]], docs) -> list[int]:
+    """acc_char's choice per item."""
+    return [max(range(len(l)), key=lambda k: l[k] / max(d.norm_chars[k], 1)) for l, d in zip(lls, docs)]
+
+
 def accuracy(lls: list[list[float]], docs) -> float:
-    return sum(max(range(len(l)), key=lambda k: l[k] / max(d.norm_chars[k], 1)) == d.gold for l, d in zip(lls, docs)) / len(docs)
+    return sum(p == d.gold for p, d in zip(picks(lls, docs), docs)) / len(docs)
 
 
 def main() -> None:
@@ -85,6 +90,7 @@ def main() -> None:
         naive, ntok = request_by_request(lambda x: llm.model(x), llm.tokenizer, sub)
         dt = time.perf_counter() - t0
         diffs["naive"] = max(abs(a - b) for x, y in zip(mine, naive) for a, b in zip(x, y))
+        diffs["naive_picks_differ"] = sum(a != b for a, b in zip(picks(mine, sub), picks(naive, sub)))
         rows.append({"engine": "llamaforge, request by request", "items": len(sub), "seconds": dt,
                      "seconds_per_1838": dt * 1838 / len(sub), "extrapolated": True, "acc_char": accuracy(naive, sub),
                      "forward_tokens_per_s": ntok / dt})
@@ -96,6 +102,7 @@ def main() -> None:
             ref, ntok = request_by_request(lambda x: hf(x).logits, llm.tokenizer, sub)
             dt = time.perf_counter() - t0
             diffs["transformers"] = max(abs(a - b) for x, y in zip(mine, ref) for a, b in zip(x, y))
+            diffs["transformers_picks_differ"] = sum(a != b for a, b in zip(picks(mine, sub), picks(ref, sub)))
             rows.append({"engine": f"transformers {transformers.__version__}, request by request", "items": len(sub),
                          "seconds": dt, "seconds_per_1838": dt * 1838 / len(sub), "extrapolated": True,
                          "acc_char": accuracy(ref, sub), "forward_tokens_per_s": ntok / dt})
@@ -114,7 +121,7 @@ def main() -> None:
         lines.append(f"| {r['engine']} | {r['items']} | {r['seconds']:.1f} | {r['seconds_per_1838']:.0f}"
                      f"{' (extrapolated)' if r['extrapolated'] else ''} | {r['forward_tokens_per_s']:.0f} | {100 * r['acc_char']:.1f} |")
     md = "\n".join(lines) + f"\n\ntarget: full PIQA <= {TARGET_S:.0f} s; max |log-likelihood difference| vs llamaforge eval: " + \
-        (", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) or "not measured") + "\n"
+        (", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()) or "not measured") + "\n"
     (out / "bench_eval.md").write_text(md)
     print(md)
     try:

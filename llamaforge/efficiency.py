@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .errors import LlamaforgeError
 
+COSTS = {"J/token eval": "energy_per_token_j", "J/token decode": "decode_energy_per_token_j", "bytes": "weight_bytes"}
 VARIANTS = {"fp32": "none", "bf16": "none", "int8": "int8", "int4": "int4"}  # name -> llamaforge.load(quantize=...)
 WATTS_PER_THREAD = 10.0
 
@@ -152,14 +153,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['variant']} | {r.get('status')} |" + " |" * (len(head) - 2))
             continue
         f = lambda x, d=1: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+        fronts = ", ".join(name for name, cost in COSTS.items() if r["variant"] in report["pareto"][cost])
         lines.append("| " + " | ".join([
             r["variant"], f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_stderr']:.1f}", f(r["weight_bytes"] / 1e6),
             f(r["peak_rss_bytes"] / 1e6, 0), f(r["eval_tokens_per_s"], 0), f(r["decode_tokens_per_s"]),
             f"{r['flops_per_token'] / 1e9:.3g}", f(r.get("energy_per_token_j"), 3), f(r.get("decode_energy_per_token_j"), 3),
-            "yes" if r["variant"] in report["pareto_energy"] else ""]) + " |")
+            fronts]) + " |")
     return ("\n".join(lines) + f"\n\n- tasks: {report['tasks']} (first {report['limit']} items each); accuracy is the mean "
             f"of the tasks' primary metrics\n- energy from an assumed {report['watts']:g} W (a guess, not a measurement)\n"
-            "- Pareto: not beaten on both accuracy and J/token (eval) by another variant\n")
+            "- Pareto: the costs on which no other variant is both at least as accurate and cheaper\n")
 
 
 def plot(report: dict, path: Path) -> bool:
@@ -171,16 +173,17 @@ def plot(report: dict, path: Path) -> bool:
         print("[matplotlib is not installed: no chart (pip install matplotlib)]", file=sys.stderr)
         return False
     ok = [r for r in report["variants"] if r.get("status") == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (cost, label, scale, front) in zip(axes, [
-            ("energy_per_token_j", "energy per token (J, eval)", 1, report["pareto_energy"]),
-            ("weight_bytes", "weight bytes (MB)", 1e-6, report["pareto_bytes"])]):
-        for r in ok:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (cost, label, scale) in zip(axes, [("energy_per_token_j", "energy per token, scoring (J)", 1),
+                                               ("decode_energy_per_token_j", "energy per token, decoding (J)", 1),
+                                               ("weight_bytes", "weight bytes (MB)", 1e-6)]):
+        pts = [r for r in ok if r.get(cost) is not None]
+        for r in pts:
             ax.errorbar(r[cost] * scale, 100 * r["accuracy"], yerr=100 * r["accuracy_stderr"], fmt="o", capsize=3)
             ax.annotate(r["variant"], (r[cost] * scale, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4))
-        pts = sorted((r[cost] * scale, 100 * r["accuracy"]) for r in ok if r["variant"] in front)
-        if pts:
-            ax.plot(*zip(*pts), "--o", color="gray", mfc="none", ms=14, label="Pareto front")
+        front = sorted((r[cost] * scale, 100 * r["accuracy"]) for r in pts if r["variant"] in report["pareto"][cost])
+        if front:
+            ax.plot(*zip(*front), "--o", color="gray", mfc="none", ms=14, label="Pareto front")
             ax.legend(fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
@@ -219,7 +222,7 @@ def efficiency(model: str, cfg: EfficiencyConfig, tokenizer=None, device=None, t
             row["decode_energy_per_token_j"] = watts / row["decode_tokens_per_s"] if row["decode_tokens_per_s"] else None
         rows.append(row)
     return {"model": str(model), "tasks": cfg.tasks, "limit": cfg.limit, "watts": watts, "threads": n_threads,
-            "variants": rows, "pareto_energy": pareto(rows, "energy_per_token_j"), "pareto_bytes": pareto(rows, "weight_bytes"),
+            "variants": rows, "pareto": {cost: pareto(rows, cost) for cost in COSTS.values()},
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

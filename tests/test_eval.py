@@ -340,3 +340,25 @@ def test_efficiency_arithmetic():
     assert pareto(rows, "c") == ["int8", "int4"]
     with pytest.raises(LlamaforgeError, match="unknown variant"):
         parse_variants("fp32,fp8")
+
+
+def test_efficiency_reports_a_missing_quantizer(monkeypatch):
+    import llamaforge.efficiency as eff
+    monkeypatch.setattr(eff, "quantize_available", lambda: False)
+    row = eff.run_variant({"variant": "int4", "model": "unused", "tasks": "piqa", "limit": 1})
+    assert row["status"].startswith("unavailable: llamaforge.quantize")
+
+
+@needs_data
+@pytest.mark.slow
+def test_efficiency_end_to_end_on_tiny_model(tiny_hf, tmp_path):
+    from llamaforge.efficiency import EfficiencyConfig, efficiency
+    path = tmp_path / "model"
+    tiny_hf[0].save_pretrained(path)
+    (path / "tokenizer.json").write_text(tiny_hf[1].tokenizer.tok.to_str())
+    report = efficiency(str(path), EfficiencyConfig(tasks="arc_easy", limit=4, decode_tokens=4, progress=False, output=""))
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
+    assert rows["fp32"]["energy_per_token_j"] == pytest.approx(report["watts"] / rows["fp32"]["eval_tokens_per_s"])
+    assert all(report["pareto"][c] for c in report["pareto"])
