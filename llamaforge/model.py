@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+SPAN_ROUND = 256
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -28,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused op, the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()  # normalize in fp32, as Meta and HF do
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
@@ -61,12 +66,10 @@ def precompute_rope(head_dim: int, seq_len: int, theta: float, scaling: dict | N
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs. x: (B, T, n_heads, head_dim); rope: (T, head_dim // 2, 2) or per row (B, T, ...)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, n_heads, head_dim // 2, 2)
-    rope = rope.view(-1, xs.size(1), 1, xs.size(3), 2)  # (1 or B, T, 1, head_dim // 2, 2)
-    cos, sin = rope[..., 0], rope[..., 1]
-    x0, x1 = xs[..., 0], xs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+    # as complex numbers (x0 + i x1)(cos + i sin), the pairs rotate in one op (meta-llama `apply_rotary_emb`)
+    xs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, n_heads, head_dim // 2)
+    rot = torch.view_as_complex(rope).view(-1, xs.size(1), 1, xs.size(3))  # (1 or B, T, 1, head_dim // 2)
+    return torch.view_as_real(xs * rot).flatten(3).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -110,15 +113,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
-            S = mask.size(-1)  # per-row positions attend only to the filled prefix (see Transformer.forward)
-            k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+            if mask is not None:  # attend to the cache prefix the mask covers (see Transformer.forward)
+                S = mask.size(-1)
+                k, v = k_all[:, :, :S].to(q.dtype), v_all[:, :, :S].to(q.dtype)
+            # else: a prompt from position 0, whose keys are exactly the fresh k, v: plain causal attention
         rep = self.n_heads // self.n_kv_heads
         if rep > 1 and mask is not None:
             # with a cache: fold each group's query heads into the query axis rather than copying the
-            # cached K/V rep times; mask rows tile to match (folded row r*T + t is row t)
+            # cached K/V rep times; folded row r*T + t is row t, so one query row broadcasts its mask
             q = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1)).view(B, self.n_heads, T, -1)
+            m = mask if T == 1 else mask.repeat(1, 1, rep, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=m).view(B, self.n_heads, T, -1)
         else:
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
@@ -190,6 +196,11 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.rope(max_seq_len, w.device)
 
+    def decode_span(self, pos: int) -> int:
+        """Cache slots a one-token step at `pos` needs: the filled prefix rounded up to SPAN_ROUND slots
+        (llama.cpp pads its n_kv the same way), so the step's shapes change only every SPAN_ROUND tokens."""
+        return min(self.max_seq_len, (pos // SPAN_ROUND + 1) * SPAN_ROUND)
+
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
@@ -197,12 +208,14 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = -1
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, span: int | None = None) -> torch.Tensor:
         """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill).
 
         input_pos: None (no cache), (T,) positions shared by all rows, or (B, T) positions per row,
         so rows at different lengths decode together (continuous batching). Per-row positions
         attend to the cache prefix up to the largest position only, not the whole static cache.
+        span: a one-token step with shared positions attends to cache slots [0, span) only (default: the
+        whole static cache, fixed shapes for torch.compile); see `decode_span`.
         """
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)  # (B, T, dim)
@@ -210,7 +223,11 @@ class Transformer(nn.Module):
             rope, mask = self.rope(T, x.device)[:T], None
         elif input_pos.dim() == 1:
             rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (T, head_dim // 2, 2)
-            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, max_seq_len)
+            if T == 1:  # decode: over `span` slots or the whole static cache; empty slots are masked
+                mask = self.causal_mask[None, None, input_pos, :span]  # (1, 1, 1, span or max_seq_len)
+            else:  # a prompt chunk attends to the filled prefix only; from position 0 it is plain causal
+                S = int(input_pos.max()) + 1
+                mask = None if S == T else self.causal_mask[None, None, input_pos, :S]  # (1, 1, T, S)
         else:
             S = int(input_pos.max()) + 1
             rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (B, T, head_dim // 2, 2)

@@ -16,6 +16,8 @@ onto it exactly (scale = d, zero = 0 or m + 8d; ggml-quants.c), up to rounding d
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,9 +59,17 @@ ROW_CHUNK = 2048  # rows quantized at a time, so a 7B embedding never needs a wh
 
 
 def quantize_rows(rows, n_rows: int, fn):
-    """Apply a row-wise quantizer `fn` to rows(start, end) -> fp32 chunk, concatenating the outputs."""
-    parts = [fn(rows(s, min(s + ROW_CHUNK, n_rows))) for s in range(0, n_rows, ROW_CHUNK)]
-    return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+    """Apply a row-wise quantizer `fn` to rows(start, end) -> fp32 chunk, writing each chunk's outputs
+    into place (no list of parts plus a concatenated copy: the peak stays one output and one chunk)."""
+    outs = None
+    for s in range(0, n_rows, ROW_CHUNK):
+        e = min(s + ROW_CHUNK, n_rows)
+        parts = fn(rows(s, e))
+        if outs is None:
+            outs = tuple(p.new_empty((n_rows, *p.shape[1:])) for p in parts)
+        for out, p in zip(outs, parts):
+            out[s:e] = p
+    return outs
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -106,6 +116,18 @@ def cpu_int4_width() -> int:
     if _CPU_INT4_WIDTH is None:
         _CPU_INT4_WIDTH = _probe_cpu_int4_layout()
     return _CPU_INT4_WIDTH
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, device) -> torch.Tensor:
+    """This thread's reusable fp32 buffer for one dequantized weight at a time (grown to the largest)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel or buf.device != torch.device(device):
+        buf = _SCRATCH.buf = None  # drop the old one before allocating the larger
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
 
 
 # ---- modules ----
@@ -193,17 +215,49 @@ class Int4Linear(nn.Module):
         return _unpack_blocked(self.weight, N, K, int(self.layout.split(":")[1]))
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        sz = self.scales_and_zeros  # (K // G, N, 2)
-        return dequantize_int4(self.int4_values(), sz[..., 0].t(), sz[..., 1].t(), dtype)
+        # (q - 8) * scale + zero, computed in fp32 in place in one buffer, unpacking the nibbles straight
+        # into it: prefill dequantizes every layer on each call, so passes over memory count (3x faster
+        # than dequantize_int4 on this model's shapes)
+        N, K, G = self.out_features, self.in_features, self.group_size
+        w = torch.empty(N, K, dtype=torch.float32, device=self.weight.device)
+        if self.layout == "rows":
+            w.copy_(self.int4_values())
+        else:
+            width = int(self.layout.split(":")[1])
+            b = self.weight.view(N // width, K, width // 2)
+            blocks = w.view(N // width, 2, width // 2, K)  # rows n and n + width / 2 of a block share a byte
+            blocks[:, 0].copy_((b & 0x0F).transpose(1, 2))
+            blocks[:, 1].copy_((b >> 4).transpose(1, 2))
+        sz = self.scales_and_zeros.float()  # (K // G, N, 2)
+        w.view(N, K // G, G).sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+        return w if dtype == torch.float32 else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.size(0) <= DECODE_ROWS and self.layout.startswith("cpu"):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
                                                            self.scales_and_zeros).to(x.dtype)
+        elif self.layout.startswith("cpu"):
+            y = torch.mm(x2.float(), self.dequantize_t()).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize_t(self) -> torch.Tensor:
+        """W^T (K, N) in fp32 from the CPU kernel's packing, for many-row inputs. The packed bytes run along
+        N inside each block of W rows, as the scales and zeros do (K // G, N, 2), so the passes here read
+        and write contiguous runs. Without grad, the result lives in a reused scratch buffer (valid until
+        the next call): at 7B shapes, page faults on a fresh 67-180 MB buffer cost more than filling it."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        width = int(self.layout.split(":")[1])
+        b = self.weight.view(N // width, K, width // 2).transpose(0, 1)  # (K, N / width, width / 2)
+        w = (_scratch(K * N, self.weight.device) if not torch.is_grad_enabled() else
+             torch.empty(K * N, dtype=torch.float32, device=self.weight.device)).view(K, N // width, 2, width // 2)
+        w[:, :, 0] = (b & 0x0F).view(torch.int8) - 8  # rows n and n + width / 2 of a block share a byte
+        w[:, :, 1] = (b >> 4).view(torch.int8) - 8
+        scales, zeros = (t.contiguous() for t in self.scales_and_zeros.float().unbind(-1))  # (K // G, N) each
+        g = w.view(K // G, G, N)
+        return torch.addcmul(zeros[:, None], g, scales[:, None], out=g).view(K, N)  # (q - 8) * scale + zero
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, layout={self.layout}"

@@ -357,7 +357,6 @@ def add_commands(subparsers) -> None:
     from .cli import add_model_flags
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a web chat page")
     add_model_flags(p)
-    p.add_argument("--adapter", default=None, help="LoRA adapter to apply (needs llamaforge.lora)")
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -376,8 +375,6 @@ def cmd_serve(args) -> None:
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise LlamaforgeError(f"serving needs {', '.join(missing)}: pip install 'llamaforge[serve]'")
-    if args.adapter:
-        raise LlamaforgeError("--adapter needs LoRA support (llamaforge.lora), which this version lacks")
     from .cli import _load
     llm = _load(args)
     if llm.tokenizer is None:

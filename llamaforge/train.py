@@ -6,6 +6,8 @@ the peak learning rate, a global batch counted in tokens (reached by gradient ac
 parallelism), packed sequences, bf16 autocast where the hardware has it, selective activation
 checkpointing. Scale-out is FSDP2 through torchrun (`parallelize.py`); checkpoints are atomic and
 resume exactly (`checkpoint.py`); every run writes log.jsonl, loss.png and report.json (`accounting.py`).
+The loop itself (`run_loop` over a `Loop`) is shared with fine-tuning and DPO (`finetune.py`), which
+bring their own batches, loss and checkpoint contents.
 
     torchrun --nproc_per_node 8 -m llamaforge pretrain --config llama-7b --data data/ --out run/
 """
@@ -20,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -260,27 +263,138 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, d) -> torch.nn.Module:
     return model.train()
 
 
-def train_step(model, opt, batches, plan, tc: TrainConfig, d, autocast) -> tuple[float, float]:
-    """One optimizer step over the global batch `plan`: this rank's micro-batches, accumulated; -> (loss, grad norm)."""
+IGNORE = -100  # target id of positions without a loss (prompt tokens, padding): F.cross_entropy's ignore_index
+
+
+def lm_loss(model, batch, autocast) -> tuple[torch.Tensor, dict]:
+    """Next-token cross entropy summed over the batch's targets (IGNORE positions excluded)."""
+    x, y = batch  # (mbs, T) each
+    with autocast:
+        logits = model(x)  # (mbs, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"), {}
+
+
+def count_targets(batch) -> int:
+    return int((batch[1] != IGNORE).sum())
+
+
+def train_step(model, opt, batches, plan, tc, d, autocast, loss_fn=lm_loss, count=count_targets) -> tuple[dict, float]:
+    """One optimizer step over the global batch `plan`: this rank's micro-batches, accumulated; -> (losses, grad norm).
+
+    `loss_fn(model, batch, autocast)` returns a loss summed over the batch's items (target tokens;
+    preference pairs for DPO) and other sums to report; `count(batch)` is its number of items. The
+    step's loss is the sum over all micro-batches and ranks divided by the total count, so every
+    target token weighs the same however the tokens fall into micro-batches.
+    """
     from .parallelize import all_reduce_sum
     mbs = tc.micro_batch_size
     accum = len(plan) // (mbs * d.world_size)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for micro in range(accum):
-        i = (micro * d.world_size + d.rank) * mbs
-        x, y = (t.to(d.device, non_blocking=True) for t in batches.read(plan[i:i + mbs]))  # (mbs, T) each
+    starts = [(micro * d.world_size + d.rank) * mbs for micro in range(accum)]
+    mine = [batches.read(plan[i:i + mbs]) for i in starts]  # read ahead: the count comes before the first backward
+    n = float(all_reduce_sum(torch.tensor(float(sum(count(b) for b in mine))), d))  # items in the global batch
+    sums: dict[str, torch.Tensor] = {}
+    for micro, batch in enumerate(mine):
+        batch = tuple(t.to(d.device, non_blocking=True) for t in batch)
         if d.world_size > 1:
             model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
-        with autocast:
-            logits = model(x)  # (mbs, T, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        (loss / accum).backward()  # every micro-batch has mbs x T tokens: the mean of means is the batch mean
-        loss_sum += loss.detach().double().cpu()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        loss, extra = loss_fn(model, batch, autocast)
+        (loss * (d.world_size / n)).backward()  # FSDP averages gradients over ranks: scale so the mean is the batch mean
+        for k, v in {"loss": loss, **extra}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(all_reduce_sum(loss_sum / accum, d)) / d.world_size, float(norm)
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys]), d) / n
+    return dict(zip(keys, totals.tolist())), float(norm)
+
+
+@dataclass
+class Loop:
+    """What the training loop is generic over. Pretraining (`train`), fine-tuning and DPO (`finetune.py`)
+    each build one and share `run_loop`: schedule, accumulation, clipping, logging, evaluation,
+    checkpoints, signals and the time budget."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    batches: object  # plan(n) -> plan; read(plan) -> batch tensors; tokens(plan) -> int; state_dict()
+    n_seqs: int  # sequences per optimizer step, all processes together
+    d: object  # parallelize.Dist
+    autocast: object
+    run: Path
+    save: Callable[[int, dict], None]  # (step, train state) -> None: an atomic checkpoint
+    evaluate: Callable[[], dict] | None = None  # -> {"val_loss": ...}
+    fpt: float = 0.0  # training FLOPs per token, for MFU
+    peak: float = 0.0  # peak FLOP/s per device
+    loss: Callable = lm_loss
+    count: Callable = count_targets
+
+
+def run_loop(lp: Loop, tc, state: dict, resumed: bool, on_step=None) -> tuple["RunLog", str | None, dict, float]:
+    """Optimizer steps from `state` (step, tokens, wall_s, train_s; updated in place) to `tc.max_steps`
+    or the time budget; -> (log, stopped_by, last checkpoint/eval steps, elapsed seconds).
+
+    `tc` is any config with TrainConfig's schedule, optimizer and logging fields."""
+    from . import accounting
+    from .parallelize import all_reduce_sum
+    d = lp.d
+    log = RunLog(lp.run, state["step"] if resumed else None, d.is_main)
+    t_session, wall0 = time.perf_counter(), state["wall_s"]
+    elapsed = lambda: wall0 + time.perf_counter() - t_session  # noqa: E731
+    budget = tc.max_minutes * 60
+    session_s, session_steps, stopped_by = 0.0, 0, None
+    last = {"ckpt": state["step"] if resumed else -1, "eval": -1}
+    with StopSignal() as stop:
+        while state["step"] < tc.max_steps:
+            t0 = time.perf_counter()
+            time_frac = elapsed() / budget if budget else 0.0
+            lr = lr_at(state["step"], tc, time_frac)
+            for g in lp.opt.param_groups:
+                g["lr"] = lr
+            plan = lp.batches.plan(lp.n_seqs)  # the whole global batch, the same on every rank
+            n_tok = lp.batches.tokens(plan)
+            losses, norm = train_step(lp.model, lp.opt, lp.batches, plan, tc, d, lp.autocast, lp.loss, lp.count)
+            loss = losses.pop("loss")
+            dt = time.perf_counter() - t0
+            state["step"] += 1
+            state["tokens"] += n_tok
+            state["train_s"] += dt
+            session_s, session_steps, step = session_s + dt, session_steps + 1, state["step"]
+            eta = session_s / session_steps * (tc.max_steps - step)
+            if budget:
+                eta = min(eta, max(0.0, budget - elapsed()))
+            tok_s = n_tok / dt
+            rec = {"step": step, "loss": loss, **losses, "lr": lr, "grad_norm": norm, "tokens": state["tokens"],
+                   "tokens_per_s": tok_s, "mfu": accounting.mfu(lp.fpt, tok_s, lp.peak, d.world_size) if lp.peak else 0.0,
+                   "elapsed_s": elapsed(), "eta_s": eta}
+            log.write(rec)
+            if on_step is not None:
+                on_step(step, rec)
+            # one collective for both decisions, so every rank stops at the same step
+            flags = all_reduce_sum(torch.tensor([float(stop.signum or 0), elapsed() / budget if budget else 0.0]), d)
+            signalled, done = flags[0] > 0, step >= tc.max_steps or flags[1] / d.world_size >= 1
+            if d.is_main and (step % tc.log_every == 0 or step == 1 or done):
+                more = "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in losses.items())
+                print(f"step {step:>6}/{tc.max_steps} | loss {loss:.4f}{more} | lr {lr:.2e} | grad norm {norm:.3f} | "
+                      f"{tok_s:,.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | ETA {_fmt_time(eta)}", file=sys.stderr, flush=True)
+            if lp.evaluate is not None and not signalled and ((tc.eval_every and step % tc.eval_every == 0) or done):
+                ev = lp.evaluate()
+                log.write({"step": step, "tokens": state["tokens"], **ev})
+                log.plot()
+                last["eval"] = step
+                if d.is_main:
+                    print(f"step {step:>6} | val loss {ev['val_loss']:.4f}", file=sys.stderr, flush=True)
+            if step % tc.ckpt_every == 0 or done or signalled:
+                lp.save(step, {**state, "wall_s": elapsed(), "data": lp.batches.state_dict()})
+                last["ckpt"] = step
+            if signalled:
+                stopped_by = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+                break
+            if done:
+                break
+    log.plot()
+    return log, stopped_by, last, elapsed()
 
 
 def train(tc: TrainConfig, on_step=None) -> dict:
@@ -330,7 +444,6 @@ def train(tc: TrainConfig, on_step=None) -> dict:
         saved = load_checkpoint(ckpt, model, opt, cfg)
         batches.load_state_dict(saved["data"])
         state = {k: saved[k] for k in state}
-    log = RunLog(run, state["step"] if ckpt is not None else None, d.is_main)
 
     fpt = accounting.flops_per_token(cfg, seq_len)
     peak = tc.peak_flops or float(all_reduce_sum(torch.tensor(accounting.measure_peak_flops(
@@ -342,60 +455,14 @@ def train(tc: TrainConfig, on_step=None) -> dict:
               f"ac {tc.ac}, compile {tc.compile}; peak {peak / 1e9:.0f} GFLOP/s per device"
               + (f"\nresuming from {ckpt} (step {state['step']})" if ckpt else ""), file=sys.stderr)
 
-    t_session, wall0 = time.perf_counter(), state["wall_s"]
-    elapsed = lambda: wall0 + time.perf_counter() - t_session  # noqa: E731
-    budget = tc.max_minutes * 60
-    session_s, session_steps, stopped_by = 0.0, 0, None
-    last = {"ckpt": state["step"] if ckpt else -1, "eval": -1}
-    with StopSignal() as stop:
-        while state["step"] < tc.max_steps:
-            t0 = time.perf_counter()
-            time_frac = elapsed() / budget if budget else 0.0
-            lr = lr_at(state["step"], tc, time_frac)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            plan = batches.plan(n_seqs)  # the whole global batch, the same on every rank
-            loss, norm = train_step(model, opt, batches, plan, tc, d, autocast)
-            dt = time.perf_counter() - t0
-            state["step"] += 1
-            state["tokens"] += n_seqs * seq_len
-            state["train_s"] += dt
-            session_s, session_steps, step = session_s + dt, session_steps + 1, state["step"]
-            eta = session_s / session_steps * (tc.max_steps - step)
-            if budget:
-                eta = min(eta, max(0.0, budget - elapsed()))
-            tok_s = n_seqs * seq_len / dt
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": state["tokens"], "tokens_per_s": tok_s,
-                   "mfu": accounting.mfu(fpt, tok_s, peak, d.world_size), "elapsed_s": elapsed(), "eta_s": eta}
-            log.write(rec)
-            if on_step is not None:
-                on_step(step, rec)
-            # one collective for both decisions, so every rank stops at the same step
-            flags = all_reduce_sum(torch.tensor([float(stop.signum or 0), elapsed() / budget if budget else 0.0]), d)
-            signalled, done = flags[0] > 0, step >= tc.max_steps or flags[1] / d.world_size >= 1
-            if d.is_main and (step % tc.log_every == 0 or step == 1 or done):
-                print(f"step {step:>6}/{tc.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
-                      f"{tok_s:,.0f} tok/s | MFU {100 * rec['mfu']:.1f}% | ETA {_fmt_time(eta)}", file=sys.stderr, flush=True)
-            if val is not None and not signalled and ((tc.eval_every and step % tc.eval_every == 0) or done):
-                ev = evaluate(model, val, val_plan, d, tc.micro_batch_size, autocast)
-                log.write({"step": step, "tokens": state["tokens"], **ev})
-                log.plot()
-                last["eval"] = step
-                if d.is_main:
-                    print(f"step {step:>6} | val loss {ev['val_loss']:.4f}", file=sys.stderr, flush=True)
-            if step % tc.ckpt_every == 0 or done or signalled:
-                st = {**state, "wall_s": elapsed(), "data": batches.state_dict()}
-                save_checkpoint(run, step, model, opt, cfg, tok, st, d, tc.keep_checkpoints)
-                last["ckpt"] = step
-            if signalled:
-                stopped_by = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
-                break
-            if done:
-                break
-    log.plot()
+    lp = Loop(model, opt, batches, n_seqs, d, autocast, run,
+              save=lambda step, st: save_checkpoint(run, step, model, opt, cfg, tok, st, d, tc.keep_checkpoints),
+              evaluate=(lambda: evaluate(model, val, val_plan, d, tc.micro_batch_size, autocast)) if val is not None else None,
+              fpt=fpt, peak=peak)
+    log, stopped_by, last, wall_s = run_loop(lp, tc, state, ckpt is not None, on_step)
     final_val = next((r for r in reversed(log.records) if "val_loss" in r), None)
     report = accounting.run_report(
-        cfg, seq_len, state["tokens"], state["step"], elapsed(), state["train_s"], peak, d.world_size,
+        cfg, seq_len, state["tokens"], state["step"], wall_s, state["train_s"], peak, d.world_size,
         torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         tc.device_power or (accounting.GPU_POWER_W if d.device.type == "cuda" else accounting.CPU_POWER_PER_THREAD_W * torch.get_num_threads()),
         tc.pue, tc.carbon_intensity, peak_measured=not tc.peak_flops,
@@ -428,8 +495,9 @@ def write_samples(run: Path, tc: TrainConfig, n: int = 3) -> list[str]:
 
 # ---- CLI: flags generated from TrainConfig's fields ----
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(TrainConfig):
+def add_train_flags(p: argparse.ArgumentParser, cls=None) -> None:
+    """A flag per field of `cls` (TrainConfig, or fine-tuning's configs), help and default from the field."""
+    for f in dataclasses.fields(cls or TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} (default: {f.default})"
         if isinstance(f.default, bool):
