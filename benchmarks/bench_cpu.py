@@ -165,12 +165,9 @@ def write_random_7b(path: Path) -> None:
 # ---- parent ----
 
 def run_child(engine: str, model: Path, a, python: str) -> dict | None:
-    cmd = [python, os.path.abspath(__file__), "--child", engine, "--model", str(model), "--threads", str(a.threads),
-           "--runs", str(a.runs), "--new", str(a.new)]
     engine, _, mode = engine.partition(":")  # llamaforge:eager / :trace / :compile pick the decode mode
-    cmd[cmd.index("--child") + 1] = engine
-    if mode:
-        cmd += ["--decode", mode]
+    cmd = [python, os.path.abspath(__file__), "--child", engine, "--model", str(model), "--threads", str(a.threads),
+           "--runs", str(a.runs), "--new", str(a.new)] + (["--decode", mode] if mode else [])
     t0 = time.time()
     r = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, timeout=a.timeout)
     if r.returncode != 0:

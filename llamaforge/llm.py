@@ -112,8 +112,7 @@ class LLM:
         self.chat_format = chat_format
         self.source = source
         self.device = next(model.parameters()).device
-        self.decode = decode_step
-        self.decode_mode = "eager"
+        self.set_decode("eager")
 
     def set_decode(self, mode: str) -> "LLM":
         """How single-token decode steps run: 'eager' (the default); 'trace' (a TorchScript trace of the step,

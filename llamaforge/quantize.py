@@ -215,21 +215,13 @@ class Int4Linear(nn.Module):
         return _unpack_blocked(self.weight, N, K, int(self.layout.split(":")[1]))
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        # (q - 8) * scale + zero, computed in fp32 in place in one buffer, unpacking the nibbles straight
-        # into it: prefill dequantizes every layer on each call, so passes over memory count (3x faster
-        # than dequantize_int4 on this model's shapes)
-        N, K, G = self.out_features, self.in_features, self.group_size
-        w = torch.empty(N, K, dtype=torch.float32, device=self.weight.device)
+        """W (N, K): computed in fp32, then cast. For the CPU packing it is a transposed view of
+        `dequantize_t`, which F.linear and matmuls take as is."""
         if self.layout == "rows":
-            w.copy_(self.int4_values())
+            sz = self.scales_and_zeros  # (K // G, N, 2)
+            w = dequantize_int4(self.int4_values(), sz[..., 0].t(), sz[..., 1].t(), torch.float32)
         else:
-            width = int(self.layout.split(":")[1])
-            b = self.weight.view(N // width, K, width // 2)
-            blocks = w.view(N // width, 2, width // 2, K)  # rows n and n + width / 2 of a block share a byte
-            blocks[:, 0].copy_((b & 0x0F).transpose(1, 2))
-            blocks[:, 1].copy_((b >> 4).transpose(1, 2))
-        sz = self.scales_and_zeros.float()  # (K // G, N, 2)
-        w.view(N, K // G, G).sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+            w = self.dequantize_t().t()
         return w if dtype == torch.float32 else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,20 +230,21 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight, self.group_size,
                                                            self.scales_and_zeros).to(x.dtype)
         elif self.layout.startswith("cpu"):
-            y = torch.mm(x2.float(), self.dequantize_t()).to(x.dtype)
+            y = torch.mm(x2.float(), self.dequantize_t(scratch=not torch.is_grad_enabled())).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
-    def dequantize_t(self) -> torch.Tensor:
+    def dequantize_t(self, scratch: bool = False) -> torch.Tensor:
         """W^T (K, N) in fp32 from the CPU kernel's packing, for many-row inputs. The packed bytes run along
         N inside each block of W rows, as the scales and zeros do (K // G, N, 2), so the passes here read
-        and write contiguous runs. Without grad, the result lives in a reused scratch buffer (valid until
-        the next call): at 7B shapes, page faults on a fresh 67-180 MB buffer cost more than filling it."""
+        and write contiguous runs. With `scratch` the result lives in this thread's reused buffer, valid
+        until the next call (so never when autograd keeps it): at 7B shapes, page faults on a fresh
+        67-180 MB buffer cost more than filling it."""
         N, K, G = self.out_features, self.in_features, self.group_size
         width = int(self.layout.split(":")[1])
         b = self.weight.view(N // width, K, width // 2).transpose(0, 1)  # (K, N / width, width / 2)
-        w = (_scratch(K * N, self.weight.device) if not torch.is_grad_enabled() else
+        w = (_scratch(K * N, self.weight.device) if scratch else
              torch.empty(K * N, dtype=torch.float32, device=self.weight.device)).view(K, N // width, 2, width // 2)
         w[:, :, 0] = (b & 0x0F).view(torch.int8) - 8  # rows n and n + width / 2 of a block share a byte
         w[:, :, 1] = (b >> 4).view(torch.int8) - 8
