@@ -486,6 +486,11 @@ def postgres_url():
         pw = pwd.getpwnam(user)
         os.chown(tmp, pw.pw_uid, pw.pw_gid)
         run_as = {"user": pw.pw_uid, "group": pw.pw_gid}
+        if not str(bindir).startswith("/usr/"):  # the wheel's build may sit in a checkout the user cannot reach:
+            site = bindir.parents[2]  # copy it with its libraries, whose RPATH is $ORIGIN/../../../pgserver.libs
+            for part in ("pgserver/pginstall", "pgserver.libs"):
+                shutil.copytree(site / part, tmp / "site" / part, symlinks=True)
+            bindir = tmp / "site" / "pgserver" / "pginstall" / "bin"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
