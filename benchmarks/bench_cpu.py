@@ -118,7 +118,7 @@ def write_random_7b(path: Path) -> None:
     import numpy as np
 
     from llamaforge.config import ModelConfig
-    from llamaforge.gguf import _write_hparams, _write_tokenizer
+    from llamaforge.gguf_writer import _write_hparams, _write_tokenizer
     from llamaforge.tokenizer import HFTokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     cfg = ModelConfig.from_name("llama-7b")

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llamaforge  # noqa: E402
-from llamaforge.eval import EvalConfig, encode_pair, run_mc  # noqa: E402
+from llamaforge.evaluation.benchmarks import EvalConfig, encode_pair, run_mc  # noqa: E402
 from llamaforge.llm import resolve  # noqa: E402
-from llamaforge.tasks import TASKS, load_docs  # noqa: E402
+from llamaforge.evaluation.tasks import TASKS, load_docs  # noqa: E402
 
 TARGET_S = 300.0
 

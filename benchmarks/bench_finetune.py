@@ -3,7 +3,7 @@
 The data is `handbook.py`'s 60 facts about a company that does not exist: 180 training questions
 in chat format, and 60 held-out paraphrases never seen in training. Held-out answer accuracy (the
 fact's key in the greedy reply) is measured before fine-tuning and after each of full fine-tuning,
-LoRA and QLoRA, all run through `llamaforge.finetune` with the same data, epochs and batch; each
+LoRA and QLoRA, all run through `llamaforge.training.finetune` with the same data, epochs and batch; each
 run is its own process, so its peak RSS is its own. Reported per method: trainable parameters,
 peak RSS (of the training process, model load included), tokens/s, wall time, final validation
 loss (on the held-out paraphrases), accuracy. Writes results.json, results.md and results.png to --out.
@@ -53,7 +53,7 @@ def child_eval(args) -> dict:
 
 def child_train(args) -> dict:
     import llamaforge
-    from llamaforge.finetune import FinetuneConfig, finetune
+    from llamaforge.training.finetune import FinetuneConfig, finetune
     data, run = Path(args.work) / "data", Path(args.work) / "runs" / args.method
     fc = FinetuneConfig(model=args.model, data=str(data / "train.jsonl"), val=str(data / "val.jsonl"), out=str(run),
                         method=args.method, rank=args.rank, alpha=2.0 * args.rank, lora_dropout=0.0, targets="all",

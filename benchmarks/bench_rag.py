@@ -38,8 +38,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llamaforge  # noqa: E402
-from llamaforge import rag  # noqa: E402
-from llamaforge.tasks import normalize_answer, read_arrow  # noqa: E402
+from llamaforge import retrieval as rag  # noqa: E402
+from llamaforge.embeddings import Embedder  # noqa: E402
+from llamaforge.retrieval.indexing import MODES  # noqa: E402
+from llamaforge.evaluation.tasks import normalize_answer, read_arrow  # noqa: E402
 
 
 def package_dir(name: str) -> Path:
@@ -92,7 +94,7 @@ def write_corpus(folder: Path, documents: dict[str, str]) -> None:
         p.write_text(text)
 
 
-def scale_corpus(squad_docs: dict[str, str], emb: rag.Embedder, cfg: rag.IndexConfig, min_chunks: int) -> tuple[dict[str, str], dict]:
+def scale_corpus(squad_docs: dict[str, str], emb: Embedder, cfg: rag.IndexConfig, min_chunks: int) -> tuple[dict[str, str], dict]:
     """SQuAD's documents plus distractors until chunking them all gives >= min_chunks."""
     count = lambda t: len(rag.chunk_text(t, emb.tokenizer, cfg.chunk_tokens, cfg.overlap))  # noqa: E731
     docs = dict(squad_docs)
@@ -268,7 +270,7 @@ def plot(rep: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def build_index(docs: dict[str, str], db: Path, emb: rag.Embedder, cfg: rag.IndexConfig) -> dict:
+def build_index(docs: dict[str, str], db: Path, emb: Embedder, cfg: rag.IndexConfig) -> dict:
     folder = db.parent / (db.stem + "_docs")
     write_corpus(folder, docs)
     rep = rag.index(folder, db, cfg, embedder=emb)
@@ -302,7 +304,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_rag_"))
     questions, squad_docs = load_squad()
     cfg = rag.IndexConfig(progress=True)
-    emb = rag.Embedder()
+    emb = Embedder()
     if args.answers_only or args.latency_only:
         if not (args.work and (work / "scale.db").exists()):
             sys.exit("--answers-only / --latency-only need the --work folder of an earlier run")
@@ -311,7 +313,7 @@ def main() -> None:
             with rag.KnowledgeBase(work / "scale.db") as kb:
                 kb.embedder = emb
                 kb.search("warm-up", 5)
-                rep["latency_rerun"] = {"threads": args.threads, **{m: retrieval_metrics(kb, questions, m) for m in rag.MODES}}
+                rep["latency_rerun"] = {"threads": args.threads, **{m: retrieval_metrics(kb, questions, m) for m in MODES}}
             args.limit = 0
         return answers_and_report(rep, args, questions, emb, work, out)
     shutil.rmtree(work, ignore_errors=True)
@@ -332,7 +334,7 @@ def main() -> None:
             kb.embedder = emb
             kb.search("warm-up", 5)  # load the vectors into memory once
             res = {"files": rep["indexing"][key]["files"], "chunks": rep["indexing"][key]["chunks"]}
-            for mode in rag.MODES:
+            for mode in MODES:
                 res[mode] = retrieval_metrics(kb, questions, mode)
                 print(f"  {key} {mode}: {res[mode]}", file=sys.stderr)
             rep["retrieval"][key] = res
@@ -342,7 +344,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def answers_and_report(rep: dict, args, questions: list[dict], emb: rag.Embedder, work: Path, out: Path) -> None:
+def answers_and_report(rep: dict, args, questions: list[dict], emb: Embedder, work: Path, out: Path) -> None:
     if args.limit:
         llm = llamaforge.load()
         with rag.KnowledgeBase(work / "scale.db") as kb:

@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and MFU of one optimizer step (forward, backward, clip, AdamW) for fixed configs.
 
 Random tokens (the data loader is not what is measured), the real model, `apply_ac` and the
-optimizer of `llamaforge.train`. MFU is against the matmul peak measured in the same run
+optimizer of `llamaforge.training`. MFU is against the matmul peak measured in the same run
 (`accounting.measure_peak_flops`), so it says how much of this machine the loop gets. Writes JSON
 (and a PNG when matplotlib is there). On a shared machine, numbers move with the load: the JSON
 records the load average before and after.
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llamaforge import accounting  # noqa: E402
 from llamaforge.model import Transformer  # noqa: E402
-from llamaforge.parallelize import apply_ac, apply_compile  # noqa: E402
-from llamaforge.train import TrainConfig, make_optimizer, model_config  # noqa: E402
+from llamaforge.training.parallelize import apply_ac, apply_compile  # noqa: E402
+from llamaforge.training.pretrain import TrainConfig, model_config
+from llamaforge.training.loop import make_optimizer  # noqa: E402
 
 
 def bench_one(name: str, ac: str, dtype: str, device: str, batch: int, seq_len: int, vocab: int, steps: int,

@@ -1,4 +1,5 @@
-"""Training cost accounting: FLOPs, MFU, energy and carbon (LLaMA section 6), and compute planning.
+"""Cost accounting: FLOPs, MFU, energy and carbon (LLaMA section 6), and compute planning; the one
+home of the FLOPs formulas (training, fine-tuning, inference).
 
 - `flops_per_token`: 6N plus attention, as PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT
   `estimate_mfu`; MFU is measured against the device's *measured* matmul peak.
@@ -68,6 +69,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     the model's FLOPs, not the hardware's (that would be HFU).
     """
     return 6 * matmul_params(cfg) + 12 * cfg.n_layers * seq_len * cfg.dim
+
+
+def forward_flops_per_token(cfg: ModelConfig, context: float) -> float:
+    """Inference FLOPs per token: 2 N + 4 L T dim, the forward third of `flops_per_token` at a mean
+    context of T positions. Weight-only quantization changes bytes moved, not multiply-adds."""
+    return 2 * matmul_params(cfg) + 4 * cfg.n_layers * context * cfg.dim
+
+
+def finetune_flops_per_token(cfg: ModelConfig, mean_len: float, target_frac: float, full: bool, dpo: bool = False) -> float:
+    """Fine-tuning FLOPs per input token, `flops_per_token`'s derivation adapted: a matrix of N entries
+    costs 2N forward, 2N for the input gradient and, only if it trains, 2N for its weight gradient (6N
+    full, 4N LoRA: the adapters are negligible); the output projection runs only at target positions
+    (`target_frac` of the tokens); attention costs 12 L T dim at the rows' mean length T. DPO adds the
+    reference model's forward pass (2N + 4 L T dim)."""
+    head = cfg.vocab_size * cfg.dim
+    per = (6 if full else 4) + (2 if dpo else 0)
+    attn = (12 + (4 if dpo else 0)) * cfg.n_layers * mean_len * cfg.dim
+    return per * (matmul_params(cfg) - head) + per * head * target_frac + attn
 
 
 def measure_peak_flops(device: str = "cpu", dtype=None, n: int | None = None, reps: int = 5) -> float:
@@ -227,53 +246,3 @@ def write_report(path: str | Path, report: dict) -> None:
 
 
 # ---- CLI ----
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def cmd_carbon(args) -> None:
-    if args.table:
-        print(f"{'model':<12} {'GPU-hours':>11} {'MWh':>7} {'tCO2eq':>7}   paper: MWh tCO2eq")
-        for name, hours, mwh, t in LLAMA_TABLE15:
-            r = carbon_row(hours, args.gpu_power, args.pue, args.intensity)
-            print(f"{name:<12} {hours:>11,} {r['mwh']:>7.1f} {r['tco2eq']:>7.1f}   {mwh:>10} {t:>6}")
-        return
-    if args.gpu_hours is None or args.gpu_hours < 0 or args.gpu_power <= 0:
-        raise LlamaforgeError("pass --gpu-hours H (>= 0) and --gpu-power W (> 0), or --table for LLaMA's Table 15")
-    r = carbon_row(args.gpu_hours, args.gpu_power, args.pue, args.intensity)
-    print(f"{args.gpu_hours:,.0f} GPU-hours x {args.gpu_power:g} W x PUE {args.pue:g} = {r['mwh']:,.1f} MWh "
-          f"-> {r['tco2eq']:,.1f} tCO2eq at {args.intensity:g} kg/kWh")
-
-
-def cmd_plan(args) -> None:
-    c = chinchilla_optimal(args.flops)
-    r20, a3 = c["rule_20"], c["approach3"]
-    print(f"compute budget {args.flops:.3e} FLOPs (C = 6 N D)")
-    print(f"  Chinchilla D = 20 N:      {_si(r20['params'])} parameters, {_si(r20['tokens'])} tokens")
-    print(f"  Chinchilla approach 3:    {_si(a3['params'])} parameters, {_si(a3['tokens'])} tokens, predicted loss {a3['loss']:.3f}")
-    if args.inference_tokens:
-        o = overtrained(args.flops, args.inference_tokens)
-        saved = 1 - o["total_flops"] / o["optimal_total_flops"]
-        print(f"  with {_si(args.inference_tokens)} inference tokens, the same loss for less: {_si(o['params'])} parameters "
-              f"trained on {_si(o['tokens'])} tokens ({o['tokens'] / o['params']:.0f} per parameter), "
-              f"train {o['train_flops']:.2e} + inference {o['inference_flops']:.2e} FLOPs, {100 * saved:.0f}% below "
-              "the compute-optimal model's lifetime cost")
-
-
-def add_commands(sub) -> None:
-    c = sub.add_parser("carbon", help="energy and tCO2eq of a training run (LLaMA paper section 6.1)")
-    c.add_argument("--gpu-hours", type=float, default=None, help="device-hours of training")
-    c.add_argument("--gpu-power", type=float, default=GPU_POWER_W, help=f"power per device in W (default {GPU_POWER_W:g}, A100)")
-    c.add_argument("--pue", type=float, default=PUE, help=f"datacenter power usage effectiveness (default {PUE})")
-    c.add_argument("--intensity", type=float, default=CARBON_INTENSITY, help=f"kg CO2eq per kWh (default {CARBON_INTENSITY}, US average)")
-    c.add_argument("--table", action="store_true", help="reproduce LLaMA Table 15")
-    c.set_defaults(func=cmd_carbon)
-    p = sub.add_parser("plan", help="Chinchilla compute-optimal size and tokens for a FLOPs budget")
-    p.add_argument("--flops", type=float, required=True, help="training compute in FLOPs, e.g. 1e21")
-    p.add_argument("--inference-tokens", type=float, default=0, help="expected tokens served over the model's life")
-    p.set_defaults(func=cmd_plan)
-

@@ -121,6 +121,13 @@ def _entries() -> list[dict]:
         dict(smol, name="smollm2-360m-instruct", hf_id="HuggingFaceTB/SmolLM2-360M-Instruct", dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560),
         dict(smol, name="smollm2-1.7b", hf_id="HuggingFaceTB/SmolLM2-1.7B", dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_theta=130000.0),
         dict(smol, name="smollm2-1.7b-instruct", hf_id="HuggingFaceTB/SmolLM2-1.7B-Instruct", dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_theta=130000.0),
+        # CPU pretraining demos (docs/pretraining.md); vocab_size is replaced by the tokenizer's at `pretrain`.
+        # 10.0M parameters with a 4096-piece vocabulary (8.7M in matmuls, 58 MFLOP/token at context 256);
+        # Meta's FFN rule with multiple_of 32; head_dim 64.
+        dict(name="shakespeare-10m", dim=320, n_layers=6, n_heads=5, n_kv_heads=5, hidden_dim=864, vocab_size=4096,
+             max_seq_len=256, source="llamaforge CPU pretraining demo (docs/pretraining.md)"),
+        dict(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=4096, max_seq_len=128,
+             source="llamaforge pretraining test config (~0.6M parameters with a 4096-piece vocabulary)"),
         dict(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, max_seq_len=256,
              source="llamaforge test config (torchtitan debugmodel-sized)"),
     ]

@@ -1,6 +1,8 @@
-"""Token generation: sampling functions, prefill, one-token decode, and `generate()` as a generator.
+"""Token generation: sampling functions, prefill, one-token decode, `generate()` as a generator, and
+`TextStream`, the one incremental detokenizer with stop strings (the CLI, `LLM` and the server use it).
 
-Token ids in, token ids out: this module knows nothing of text (nanochat `engine.py`). Shapes
+The token loop takes token ids and gives token ids (nanochat `engine.py`); only `TextStream`
+turns them into text, through the tokenizer it is given. Shapes
 follow gpt-fast `generate.py`: prefill runs the whole prompt through the static KV cache in one
 forward, then each step feeds one token at `input_pos`.
 """
@@ -139,6 +141,45 @@ class _Step(torch.nn.Module):
 
     def forward(self, token, input_pos):
         return decode_one_token(self.model, token, input_pos, self.span)
+
+
+class TextStream:
+    """Incremental detokenizer (TGI's prefix/read offsets) with stop strings: `push(token)` returns the
+    text that became final, `flush()` the rest. A piece is released only once it is complete UTF-8
+    and cannot be the beginning of a stop string; the text stops before the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str] = ()):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        if not self.stopped and self.read < len(self.ids):  # an incomplete UTF-8 tail: as the tokenizer decodes it
+            before = self.tok.decode(self.ids[self.prefix:self.read])
+            self.text += self.tok.decode(self.ids[self.prefix:])[len(before):]
+            self.read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, self.emitted - len(s) + 1))) >= 0]
+        end = min(hits) if hits else (len(self.text) if final else len(self.text) - self.hold)
+        self.stopped = bool(hits)
+        piece = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
 
 
 def cache_length(needed: int, limit: int) -> int:

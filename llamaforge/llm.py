@@ -17,7 +17,7 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, TracedDecode, decode_one_token, decode_step, generate
+from .generate import SamplingConfig, TextStream, TracedDecode, decode_one_token, decode_step, generate
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -147,32 +147,39 @@ class LLM:
         with torch.no_grad():
             return self.model(ids[None])[0].float()
 
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int], k: int = 0, chunk: int = 256) -> tuple[list[float], list[list]]:
+        """log p(ids[i] | ids[:i]) for i >= 1, and the top k (id, logprob) pairs at each position: one
+        forward without a cache, the output layer in chunks ((T, vocab) fp32 twice would be large)."""
+        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.device)
+        hidden = self.model(x, hidden=True)[0, :-1]  # (T - 1, dim)
+        lps, tops = [], []
+        for a in range(0, hidden.size(0), chunk):
+            lp = torch.log_softmax(self.model.output(hidden[a:a + chunk]).float(), dim=-1)  # (n, vocab)
+            lps += lp.gather(1, x[0, a + 1:a + 1 + lp.size(0), None])[:, 0].tolist()
+            if k:
+                top = lp.topk(k)
+                tops += [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                tops += [[]] * lp.size(0)
+        return lps, tops
+
     def stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
         """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings."""
         tok = self._need_tokenizer()
         cfg = sampling_config(**sampling)
-        out: list[int] = []
-        emitted = 0
-        hold = max((len(s) for s in cfg.stop), default=0)
+        text = TextStream(tok, cfg.stop)
         for t in generate(self.model, ids, cfg, tok.stop_ids, self.decode):
             if t in tok.stop_ids:
                 break
-            out.append(t)
-            text = tok.decode(out)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            cut = min((text.find(s, max(0, emitted - len(s))) for s in cfg.stop if s in text), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
+            piece = text.push(t)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            safe = len(text) - hold if hold else len(text)  # keep back what may begin a stop string
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = tok.decode(out)
-        if len(text) > emitted:
-            yield text[emitted:]
+        piece = text.flush()
+        if piece:
+            yield piece
 
     def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
         ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -221,6 +228,7 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
     fmt, path = resolve(model)
     if fmt == "gguf" and quantize != "none":
         w = read_weights(model, tokenizer, tensors=False)
+        from .quantize import build_quantized_from_gguf
         net = build_quantized_from_gguf(w.gguf, w.config, quantize, group_size, dtype, device)
     else:
         w = read_weights(model, tokenizer)
@@ -297,64 +305,3 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
     tok_desc = f"{tok.kind} ({tok.vocab_size:,} tokens, bos={tok.bos_id}, eos={tok.eos_id})" if tok else "none found"
     return {"path": path, "format": fmt, "config": cfg, "tokenizer": tok_desc, "chat_format": fmt_name,
             "types": {k: tuple(v) for k, v in types.items()}}
-
-
-def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, dtype: torch.dtype, device: str):
-    """Build the model tensor by tensor from the mapped GGUF file: quantized weights are repacked
-    into int4/int8 modules (quantize.module_from_gguf) and never exist as a whole fp32 model."""
-    import torch.nn as nn
-
-    from .gguf import map_name
-    from .model import Transformer
-    from .quantize import OUTPUT_REFINE, Int8Embedding, Int8Linear, module_from_gguf
-    with torch.device("meta"):
-        net = Transformer(cfg)
-    floats = {}
-    for gname, t in gf.tensors.items():
-        if gname == "rope_freqs.weight":
-            continue
-        name = map_name(gname, to_gguf=False)
-        if name is None:
-            raise LlamaforgeError(f"{gf.path}: unexpected tensor {gname!r} for a llama model")
-        if t.qtype.name not in ("F32", "F16", "BF16") or mode in ("int8", "int4"):
-            if name in ("tok_embeddings.weight", "output.weight"):  # int8 table (Q8_0-class precision)
-                table = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, "int8")
-                if name == "tok_embeddings.weight":
-                    net.tok_embeddings = Int8Embedding(table.to(device))
-                    if cfg.tie_embeddings:
-                        net.output = net.tok_embeddings.table
-                else:
-                    net.output = table.to(device)
-                gf.release(gname)
-                continue
-            mod = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, mode, group_size) if len(t.shape) == 2 else None
-            if mod is not None:
-                parent, attr = name.removesuffix(".weight").rsplit(".", 1)
-                net.get_submodule(parent).add_module(attr, mod.to(device))
-                gf.release(gname)
-                continue
-        floats[name] = gf.tensor(gname).to(dtype=dtype).clone()  # own copy: the mapping is released below
-        gf.release(gname)
-    if isinstance(net.output, Int8Linear):
-        net.output.refine = OUTPUT_REFINE
-    if "tok_embeddings.weight" in floats:  # a float table, kept float
-        net.tok_embeddings = nn.Embedding.from_pretrained(floats.pop("tok_embeddings.weight").to(device), freeze=False)
-        if cfg.tie_embeddings:
-            net.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
-            net.output.weight = net.tok_embeddings.weight
-    missing = [k for k, v in net.state_dict(keep_vars=True).items() if v.is_meta and k not in floats]
-    if missing:
-        raise LlamaforgeError(f"{gf.path}: missing tensors {missing[:4]}: the file is incomplete")
-    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
-    _trim_heap()
-    return net.eval()
-
-
-def _trim_heap() -> None:
-    """Hand the repacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -73,7 +73,7 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """A static key/value cache: (B, n_kv_heads, max_seq_len, head_dim), written at `input_pos`."""
+    """A static key/value cache: (B, n_kv_heads, max_seq_len, head_dim), written at `slots`."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -82,16 +82,16 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,), or (B, T) for per-row positions
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, n_kv_heads, T, head_dim); slots: (T,), or (B, T) for per-row slots
         B = k.size(0)
-        if input_pos.dim() == 1:
-            self.k_cache[:B, :, input_pos] = k.to(self.k_cache.dtype)
-            self.v_cache[:B, :, input_pos] = v.to(self.v_cache.dtype)
-        else:  # row b writes its own positions: the indexed view is (B, T, n_kv_heads, head_dim)
+        if slots.dim() == 1:
+            self.k_cache[:B, :, slots] = k.to(self.k_cache.dtype)
+            self.v_cache[:B, :, slots] = v.to(self.v_cache.dtype)
+        else:  # row b writes its own slots: the indexed view is (B, T, n_kv_heads, head_dim)
             rows = torch.arange(B, device=k.device)[:, None]
-            self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
-            self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+            self.k_cache[rows, :, slots] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, slots] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[:B], self.v_cache[:B]
 
 
@@ -105,15 +105,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, mask=None, input_pos=None):
+    def forward(self, x, rope, mask=None, slots=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if self.kv_cache is not None and input_pos is not None:
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+        if self.kv_cache is not None and slots is not None:
+            k_all, v_all = self.kv_cache.update(slots, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
             if mask is not None:  # attend to the cache prefix the mask covers (see Transformer.forward)
                 S = mask.size(-1)
                 k, v = k_all[:, :, :S].to(q.dtype), v_all[:, :, :S].to(q.dtype)
@@ -154,8 +154,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, mask=None, input_pos=None):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x, rope, mask=None, slots=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -182,10 +182,13 @@ class Transformer(nn.Module):
             self._rope = r
         return r
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches; forward then needs `input_pos`."""
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                     exact: bool = False) -> None:
+        """Allocate static KV caches (kept when the present ones are large enough, unless `exact`)."""
         if self.max_batch_size >= max_batch_size and self.max_seq_len >= max_seq_len and dtype is None:
-            return
+            if not exact or (self.max_batch_size, self.max_seq_len) == (max_batch_size, max_seq_len):
+                return
+        self.clear_caches()  # the old caches go before the new ones are allocated
         w = self.norm.weight  # always a float parameter, whatever the embedding became
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
         c = self.config
@@ -207,36 +210,67 @@ class Transformer(nn.Module):
         self._buffers.pop("causal_mask", None)
         self.max_batch_size = self.max_seq_len = -1
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                last_only: bool = False, span: int | None = None) -> torch.Tensor:
-        """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill).
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None, span: int | None = None, last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
+        """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only`; with `hidden`, the
+        final-norm hidden states (B, T, dim) instead, for callers that project only some positions.
 
-        input_pos: None (no cache), (T,) positions shared by all rows, or (B, T) positions per row,
-        so rows at different lengths decode together (continuous batching). Per-row positions
-        attend to the cache prefix up to the largest position only, not the whole static cache.
-        span: a one-token step with shared positions attends to cache slots [0, span) only (default: the
-        whole static cache, fixed shapes for torch.compile); see `decode_span`.
+        input_pos: None (no cache: positions 0..T-1, causal unless `mask` (B or 1, 1, T, T) says
+        otherwise), or the positions of the tokens, (T,) shared by all rows or (B, T) per row, so rows
+        at different lengths decode together (continuous batching). With positions, keys and values
+        go into the static cache at `slots` (default: the positions; scoring packs several
+        continuations at the same positions into other slots) and attention covers cache slots
+        [0, S): S = mask.size(-1) with an explicit `mask` (B or 1, 1, T, S), else up to the largest
+        position. span: a one-token step with shared positions attends to cache slots [0, span) only
+        (default: the whole static cache, fixed shapes for torch.compile); see `decode_span`.
         """
         B, T = tokens.shape
         x = self.tok_embeddings(tokens)  # (B, T, dim)
-        if input_pos is None:  # no cache: positions 0..T-1, causal
-            rope, mask = self.rope(T, x.device)[:T], None
-        elif input_pos.dim() == 1:
-            rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (T, head_dim // 2, 2)
-            if T == 1:  # decode: over `span` slots or the whole static cache; empty slots are masked
+        if input_pos is None:  # no cache: positions 0..T-1
+            rope = self.rope(T, x.device)[:T]
+        else:
+            rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (T or B x T, head_dim // 2, 2)
+            slots = input_pos if slots is None else slots
+            if mask is not None:
+                pass
+            elif input_pos.dim() == 1 and T == 1:  # decode: over `span` slots or the whole cache; empty slots masked
                 mask = self.causal_mask[None, None, input_pos, :span]  # (1, 1, 1, span or max_seq_len)
-            else:  # a prompt chunk attends to the filled prefix only; from position 0 it is plain causal
+            elif input_pos.dim() == 1:  # a prompt chunk attends to the filled prefix; from position 0 plain causal
                 S = int(input_pos.max()) + 1
                 mask = None if S == T else self.causal_mask[None, None, input_pos, :S]  # (1, 1, T, S)
-        else:
-            S = int(input_pos.max()) + 1
-            rope = self.rope(self.max_seq_len, x.device)[input_pos]  # (B, T, head_dim // 2, 2)
-            mask = self.causal_mask[input_pos, :S][:, None]  # (B, 1, T, S)
+            else:
+                S = int(input_pos.max()) + 1
+                mask = self.causal_mask[input_pos, :S][:, None]  # (B, 1, T, S)
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            x = layer(x, rope, mask, slots)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))
+        x = self.norm(x)
+        return x if hidden else self.output(x)
+
+    def read_cache(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of cache row `row`'s first `length` slots, per layer: (1, n_kv_heads, length, head_dim) each."""
+        out = []
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            out.append((c.k_cache[row:row + 1, :, :length].clone(), c.v_cache[row:row + 1, :, :length].clone()))
+        return out
+
+    def write_cache(self, kvs: list[tuple[torch.Tensor, torch.Tensor]], rows, start: int = 0) -> None:
+        """Put per-layer (k, v) of shape (1 or len(rows), n_kv_heads, n, head_dim) into cache `rows`
+        (an int, a slice or a list), slots start..start + n."""
+        for layer, (k, v) in zip(self.layers, kvs):
+            c = layer.attention.kv_cache
+            c.k_cache[rows, :, start:start + k.size(2)] = k
+            c.v_cache[rows, :, start:start + v.size(2)] = v
+
+    def copy_cache(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached slots of row src to row dst, in every layer."""
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            c.k_cache[dst, :, :length] = c.k_cache[src, :, :length]
+            c.v_cache[dst, :, :length] = c.v_cache[src, :, :length]
 
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(0, std) for matrices, with the residual projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""

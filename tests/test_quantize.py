@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import llamaforge
-from llamaforge.gguf import GGUFFile, write_gguf
+from llamaforge.gguf import GGUFFile
+from llamaforge.gguf_writer import write_gguf
 from llamaforge.model import Transformer
 from llamaforge.quantize import (Int4Linear, Int8Linear, dequantize_int4, int4_from_gguf, quantize_int4, quantize_int8,
                                  quantize_model, weight_bytes)
-from llamaforge.weights import build_model
 
 from conftest import needs_default_model
 
@@ -103,7 +103,7 @@ def test_default_model_quantized_close_to_fp32(default_llm, default_llm_q):
 
 
 def test_quantize_writes_gguf_that_loads_back(tiny_config, tmp_path):
-    from llamaforge.cli import main
+    from llamaforge.commands import main
     model = Transformer(tiny_config).eval()
     model.init_weights(std=0.1)
     src = tmp_path / "f32.gguf"
@@ -126,7 +126,7 @@ def test_quantize_writes_gguf_that_loads_back(tiny_config, tmp_path):
 
 def test_perplexity_matches_direct_cross_entropy(tiny_config):
     from llamaforge.llm import LLM
-    from llamaforge.perplexity import perplexity
+    from llamaforge.evaluation.perplexity import perplexity
     model = Transformer(tiny_config).eval()
     model.init_weights(std=0.1)
     llm = LLM(model, None, None)

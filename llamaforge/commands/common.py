@@ -1,0 +1,124 @@
+"""What every command shares: flags generated from a job's dataclass, the model flags, loading a model.
+
+`add_config_flags` is the one dataclass -> argparse translation: a flag per field, its type from
+the field's annotation, its help from the field's metadata (training configs) or a help table,
+its default from the field, so each default is written once. Nothing here is imported by the
+library: the commands layer sits on top of it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..errors import LlamaforgeError
+from ..generate import SamplingConfig
+from ..llm import DEFAULT_MODEL
+
+SAMPLING_HELP = {
+    "max_new_tokens": "most tokens to generate",
+    "temperature": "sampling temperature; 0 is greedy",
+    "top_k": "keep the k most likely tokens (0: off)",
+    "top_p": "nucleus sampling mass (1.0: off)",
+    "repetition_penalty": "penalize tokens already seen (1.0: off)",
+    "seed": "random seed for reproducible sampling",
+    "stop": "stop when this string appears (repeatable)",
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _flag_type(f: dataclasses.Field) -> str:
+    """'int', 'float', 'str', 'bool' or 'list' from an annotation such as 'float | None' or list[str]."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "").replace("|None", "").replace("None|", "")
+    return "list" if t.startswith("list") else t
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, help: dict[str, str] | None = None, optional: bool = False,
+                     skip: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
+    """A `--flag-name` per field of the dataclass `cls`. `optional`: every default is None, so that
+    `config_kwargs` passes on only the flags given (and the dataclass keeps its own defaults)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help") or (help or {}).get(f.name, "")
+        default = None if optional else f.default
+        if default is dataclasses.MISSING:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        shown = f.default if f.default is not dataclasses.MISSING else default
+        kind = _flag_type(f)
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif kind == "list":
+            p.add_argument(flag, action="append", default=None, help=text)
+        else:
+            extra = {"choices": (choices or {})[f.name]} if f.name in (choices or {}) else {}
+            suffix = "" if shown in (None, "", [], dataclasses.MISSING) else f" (default: {shown})"
+            p.add_argument(flag, type=_TYPES.get(kind, str), default=default, help=text + suffix, **extra)
+
+
+def config_kwargs(args, cls) -> dict:
+    """The parsed values of `cls`'s fields (those left at None dropped when the flags were `optional`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+
+
+def config_from_args(args, cls):
+    return cls(**config_kwargs(args, cls))
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    add_config_flags(p, SamplingConfig, SAMPLING_HELP, optional=True)
+
+
+def sampling_kwargs(args) -> dict:
+    return {k: v for k, v in config_kwargs(args, SamplingConfig).items() if v is not None}
+
+
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
+    else:
+        p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"named model, GGUF file, HF or Meta directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model to use instead of the model's own")
+    p.add_argument("--chat-format", default=None, choices=["template", "chatml", "llama2", "llama3"], help="override the chat format")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_threads_flag(p)
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights in memory: auto keeps GGUF blocks quantized (int4/int8), none dequantizes to float")
+    p.add_argument("--decode", default=None, choices=["eager", "trace", "compile"],
+                   help="how decode steps run: eager (default), trace (1.4x faster on CPU, ~50-80 MB per trace kept), compile")
+    p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
+    if adapter:
+        p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def set_threads(args) -> None:
+    n = getattr(args, "threads", None)
+    if n is not None:
+        if n < 1:
+            raise LlamaforgeError(f"--threads must be >= 1, got {n}")
+        import torch
+        torch.set_num_threads(n)
+
+
+def load_llm(args):
+    """The model the flags of `add_model_flags` name, with its decode mode."""
+    from ..llm import load
+    set_threads(args)
+    llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
+               quantize=getattr(args, "quantize", "auto"), adapter=getattr(args, "adapter", None))
+    if getattr(args, "compile", False):
+        llm.compile()
+    elif getattr(args, "decode", None):
+        llm.set_decode(args.decode)
+    return llm
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

