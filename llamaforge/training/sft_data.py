@@ -39,10 +39,31 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                out.append((f"{path}:{i}", json.loads(line)))
+                rec = json.loads(line)
+                if not _valid_unicode(rec):  # JSON's "\ud800" escapes make strings no tokenizer encodes
+                    rec = ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode")
+                out.append((f"{path}:{i}", rec))
             except ValueError as e:
                 out.append((f"{path}:{i}", ValueError(f"not valid JSON ({e})")))
+            except RecursionError:
+                out.append((f"{path}:{i}", ValueError("not valid JSON (it nests too deeply)")))
     return out
+
+
+def _valid_unicode(rec) -> bool:
+    stack = [rec]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return True
 
 
 def line_format(rec) -> str:
