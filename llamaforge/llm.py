@@ -252,7 +252,7 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
         except LlamaforgeError as e:
             if chat_format is not None:
                 raise
-            why = str(e)  # a broken template is told as such when chat is used, not as "no chat format"
+            why = str(e) if w.chat_template else None  # a broken template is told as such, not as "no chat format"
     llm = LLM(net, w.tokenizer, fmt, w)
     llm.chat_format_error = why
     return llm

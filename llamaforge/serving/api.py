@@ -157,8 +157,8 @@ def _invalid_unicode(body) -> str | None:
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
-            except UnicodeEncodeError:
-                return where or "body"
+            except UnicodeEncodeError:  # the path may hold a bad key too: pydantic cannot carry a message with one
+                return (where or "body").encode("utf-8", "backslashreplace").decode()
         elif isinstance(value, dict):
             stack += [(v, f"{where}.{k}".lstrip(".")) for k, v in value.items() if isinstance(k, str)]
         elif isinstance(value, list):

@@ -134,7 +134,7 @@ class Guard:
                     msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
                 except asyncio.TimeoutError:
                     return await self._reject(send_and_count, 408, f"The request body did not arrive within {self.body_timeout:g} s",
-                                              "timeout", [(b"connection", b"close")])
+                                              "timeout")
                 if msg["type"] == "http.disconnect":
                     return
                 body += msg.get("body", b"")
@@ -157,9 +157,11 @@ class Guard:
 
     @staticmethod
     async def _reject(send, status: int, message: str, code: str, extra_headers=()):
+        """An error before the body was read: the connection closes after it (what is left of the body is not read)."""
         body = _error_bytes(status, message, code)
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *extra_headers]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -212,6 +214,7 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT, max_connections: int =
       seconds after it opened (or after its next request's first byte) gets a 408 and is closed, so
       stalled (slowloris) connections do not stay open; uvicorn only times out idle keep-alive ones;
     - a cap on open connections: past `max_connections`, a new one gets a 503 and is closed;
+    - a connection closed once its response is complete if its request body is not (the body is never read);
     - OpenAI-shaped JSON instead of uvicorn's plain-text 400 for malformed HTTP."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -234,6 +237,11 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT, max_connections: int =
         def connection_lost(self, exc):
             self._stop_watching()
             super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                self.transport.close()  # answered before its body ended (a GET with one, say): no trickling it forever
 
         def _watch_headers(self) -> None:
             """Armed while a request's headers are incomplete, disarmed once h11 has parsed them."""

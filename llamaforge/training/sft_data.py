@@ -88,8 +88,9 @@ def _strings(rec: dict, *keys: str) -> None:
             raise ValueError(f"{k!r} must be a string")
 
 
-def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
-    """One SFT line -> (ids, target mask): assistant tokens for chat/instruction, all tokens for text."""
+def encode_sft(rec, tok, chat, broken: str | None = None) -> tuple[list[int], list[bool]]:
+    """One SFT line -> (ids, target mask): assistant tokens for chat/instruction, all tokens for text.
+    `broken`: why the model's own chat template cannot be used (`LLM.chat_format_error`), when it cannot."""
     fmt = line_format(rec)
     if fmt == "text":
         _strings(rec, "text")
@@ -108,7 +109,7 @@ def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
         if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise ValueError("'messages' needs at least one assistant message to learn from")
     if chat is None:
-        raise ValueError("a chat line, but the model has no chat format: pass --chat-format chatml|llama2|llama3")
+        raise ValueError(broken or "a chat line, but the model has no chat format: pass --chat-format chatml|llama2|llama3")
     try:
         ids, mask = chat.encode(messages, add_generation_prompt=False)
     except LlamaforgeError as e:
@@ -116,7 +117,7 @@ def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
-def encode_pref(rec, tok, chat) -> tuple[list[int], list[bool], list[int], list[bool]]:
+def encode_pref(rec, tok, chat, broken: str | None = None) -> tuple[list[int], list[bool], list[int], list[bool]]:
     """One preference line -> (chosen ids, chosen targets, rejected ids, rejected targets): the targets
     are the completion's tokens (and its end of turn) after the shared prompt."""
     if line_format(rec) != "pref":
@@ -126,6 +127,8 @@ def encode_pref(rec, tok, chat) -> tuple[list[int], list[bool], list[int], list[
     out = []
     for answer in (rec["chosen"], rec["rejected"]):
         if chat is None:
+            if broken:  # the model has a chat template, and it is unusable: no silent fallback to plain text
+                raise ValueError(broken)
             if not isinstance(prompt, str):
                 raise ValueError("'prompt' must be a string for a model without a chat format")
             p = tok.encode(prompt)
