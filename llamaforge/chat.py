@@ -75,7 +75,7 @@ def _tojson(x, indent=None, separators=None, sort_keys=False):
 # for the process's memory growth (what accumulates across lines).
 
 RENDER_SECONDS = 2.0  # a real template renders in milliseconds
-RENDER_CHARS = 1 << 20  # output, and any one value a template builds
+RENDER_CHARS = 1 << 18  # output, and any one value a template builds (as text)
 RENDER_MEMORY = 512 << 20  # growth of the process's memory during one render
 _MAX_INT = 100_000  # integer arguments (widths, counts, indents): Jinja's own range() limit
 _UNTRUSTED = "<template>"  # the file name Jinja compiles templates from strings under
@@ -85,19 +85,31 @@ class _TemplateLimit(Exception):
     """A chat template went past a render bound."""
 
 
-def _size(x) -> int:
-    """About how many characters `x` is as text."""
-    if isinstance(x, (str, bytes)):
-        return len(x)
-    if isinstance(x, dict):
-        return sum(_size(k) + _size(v) + 4 for k, v in x.items()) + 2
-    if isinstance(x, (list, tuple)):
-        return sum(_size(v) + 2 for v in x) + 2
-    return 24
+def _size(x, limit: int = 1 << 62) -> int:
+    """About how many characters `x` is as text (counting stops past `limit`). A loop, not recursion: it
+    runs on every value a template builds, under the render's trace function."""
+    n, stack = 0, [x]
+    while stack and n <= limit:
+        v = stack.pop()
+        if isinstance(v, (str, bytes)):
+            n += len(v)
+        elif isinstance(v, dict):
+            n += 4 * len(v) + 2
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, (list, tuple)):
+            n += 2 * len(v) + 2
+            stack += v
+        else:
+            n += 24
+    return n
 
 
 def _depth(x) -> int:
-    return 1 + max(map(_depth, x.values() if isinstance(x, dict) else x), default=0) if isinstance(x, (dict, list, tuple)) else 0
+    depth, level = 0, [x]
+    while level := [c for v in level if isinstance(v, (dict, list, tuple)) for c in (v.values() if isinstance(v, dict) else v)]:
+        depth += 1
+    return depth
 
 
 def _check_call(name: str, s, args: tuple, kwargs: dict) -> None:
@@ -138,8 +150,10 @@ def _check_call(name: str, s, args: tuple, kwargs: dict) -> None:
 
 
 def _check_size(value):
-    if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > RENDER_CHARS:
-        raise _TemplateLimit(f"it builds a value of {len(value):,} items")
+    """A value a template built, at most RENDER_CHARS as text (a list of 10^5 references to one 1 MB string
+    is 100 GB once joined or printed)."""
+    if isinstance(value, (str, bytes, list, tuple, dict)) and _size(value, RENDER_CHARS) > RENDER_CHARS:
+        raise _TemplateLimit(f"it builds a value of more than {RENDER_CHARS:,} characters")
     return value
 
 
@@ -155,20 +169,23 @@ def _bounded_environment():
         intercepted_binops = frozenset({"*", "**", "%", "+"})
 
         def call_binop(self, context, operator, left, right):
-            if operator == "%":
+            if operator == "%" and isinstance(left, str):
                 _check_call("%", left, right if isinstance(right, tuple) else (right,), {})
             if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
                     abs(right) * max(abs(left), 2).bit_length() > 8 * RENDER_CHARS:
                 raise _TemplateLimit(f"it computes {left} ** {right}")
             if operator == "*" and {type(left), type(right)} & {int} and {type(left), type(right)} & {str, list, tuple}:
                 count, seq = (left, right) if isinstance(left, int) else (right, left)
-                if len(seq) * count > RENDER_CHARS:
+                if _size(seq) * count > RENDER_CHARS:
                     raise _TemplateLimit(f"it repeats a value {count:,} times")
             return _check_size(super().call_binop(context, operator, left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's signature
             method = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
-            _check_call(getattr(method, "__name__", "a function"), getattr(method, "__self__", None), args, kwargs)
+            name = getattr(method, "__name__", "a function")
+            if name == "join" and args and not isinstance(args[0], (list, tuple, dict, str)):
+                args = (list(args[0]), *args[1:])  # a generator: counted before str.join makes one string of it
+            _check_call(name, getattr(method, "__self__", None), args, kwargs)
             return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def bounded(f):
@@ -176,18 +193,42 @@ def _bounded_environment():
 
         @functools.wraps(f)  # keeps that mark
         def run(*args, **kwargs):
+            if f.__name__ == "do_join" and len(args) > skip and not isinstance(args[skip], (list, tuple, dict, str)):
+                args = (*args[:skip], list(args[skip]), *args[skip + 1:])
             _check_call(f.__name__, args[skip] if len(args) > skip else None, args[skip + 1:], kwargs)
             return _check_size(f(*args, **kwargs))
         return run
 
     class Sized(CodeGenerator):
-        def visit_Concat(self, node, frame):  # `a ~ b` is no call or operator: size it too
+        """Values no call or operator makes are sized too: list, tuple and dict literals, and the operands
+        of `a ~ b` before they are joined into one string."""
+
+        def _sized(self, visit, node, frame):
             self.write("environment.sized(")
-            super().visit_Concat(node, frame)
+            visit(node, frame)
             self.write(")")
 
+        def visit_List(self, node, frame):
+            self._sized(super().visit_List, node, frame)
+
+        def visit_Dict(self, node, frame):
+            self._sized(super().visit_Dict, node, frame)
+
+        def visit_Tuple(self, node, frame):
+            if node.ctx != "load":  # an assignment target (`{% for a, b in ... %}`)
+                return super().visit_Tuple(node, frame)
+            self._sized(super().visit_Tuple, node, frame)
+
+        def visit_Concat(self, node, frame):
+            self.write("environment.sized(str_join((")
+            for arg in node.nodes:
+                self._sized(self.visit, arg, frame)
+                self.write(", ")
+            self.write(")))")
+
     Bounded.code_generator_class, Bounded.sized = Sized, staticmethod(_check_size)
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    # finalize: each {{ value }} is sized before it is turned into text
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"], finalize=_check_size)
     env.filters["tojson"] = _tojson
     env.filters.update({name: bounded(f) for name, f in env.filters.items()})
     return env
@@ -204,9 +245,9 @@ def _rss() -> int:
 
 
 def _render_bounded(template, **context) -> str:
-    """`template.render(**context)` within RENDER_SECONDS and RENDER_MEMORY (checked as the template's own
-    code runs, by a trace function on its frames only: the clock at each line, memory at every 16th, as
-    one line adds at most a few values of RENDER_CHARS), RENDER_CHARS of output and Python's recursion limit."""
+    """`template.render(**context)` within RENDER_SECONDS and RENDER_MEMORY (checked by a trace function: the
+    clock at each Python call and at each line of the template's own code, memory at every 16th such line,
+    as one line adds at most a few values of RENDER_CHARS), RENDER_CHARS of output and Python's recursion limit."""
     deadline, memory, lines = time.monotonic() + RENDER_SECONDS, _rss() + RENDER_MEMORY, [0]
 
     def on_line(frame, event, arg):
@@ -217,7 +258,9 @@ def _render_bounded(template, **context) -> str:
             raise _TemplateLimit(f"it uses more than {RENDER_MEMORY >> 20} MB")
         return on_line
 
-    def on_call(frame, event, arg):
+    def on_call(frame, event, arg):  # every Python call while rendering: Jinja's runtime and filters too
+        if time.monotonic() > deadline:
+            raise _TemplateLimit(f"it runs longer than {RENDER_SECONDS:g} s")
         return on_line if frame.f_code.co_filename == _UNTRUSTED else None
 
     out, n, previous = [], 0, sys.gettrace()

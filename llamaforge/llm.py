@@ -85,7 +85,7 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
         gf = GGUFFile(path)
         cfg, sd = gf.config(), (gf.state_dict() if tensors else {})
         has_tok = "tokenizer.ggml.model" in gf.metadata  # a weights-only GGUF loads too; text needs --tokenizer
-        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None and has_tok else None
+        tok = _gguf_tokenizer(gf, cfg) if tokenizer is None and has_tok else None
         template = gf.metadata.get("tokenizer.chat_template")
     else:
         cfg, sd = load_hf(path) if fmt == "hf" else load_meta(path)
@@ -102,6 +102,18 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
     if not cfg.name:
         cfg.name = path.stem
     return LoadedWeights(fmt, path, cfg, sd, tok, template, gf)
+
+
+def _gguf_tokenizer(gf, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer in a GGUF file's metadata; it must not make ids past the file's embedding."""
+    try:
+        tok = tokenizer_from_gguf(gf.metadata)
+    except LlamaforgeError as e:
+        raise LlamaforgeError(f"{gf.path}: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise LlamaforgeError(f"{gf.path}: the tokenizer has {tok.vocab_size:,} tokens but the embedding {cfg.vocab_size:,} rows: "
+                              "the file is corrupt")
+    return tok
 
 
 class LLM:
@@ -279,7 +291,8 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
         cfg = gf.config()
         for _, typ, shape, nbytes in gf.tensor_info():
             count(typ, nbytes, math.prod(shape))
-        tok = load_tokenizer_file(tokenizer) if tokenizer else (tokenizer_from_gguf(gf.metadata) if "tokenizer.ggml.model" in gf.metadata else None)
+        tok = load_tokenizer_file(tokenizer) if tokenizer else (
+            _gguf_tokenizer(gf, cfg) if "tokenizer.ggml.model" in gf.metadata else None)
         template = gf.metadata.get("tokenizer.chat_template")
     elif fmt == "hf":  # the same checks as loading: headers read and matched to the config, no tensor read
         from .weights import check_shapes, config_from_hf, read_json, read_safetensors, safetensors_files

@@ -319,8 +319,11 @@ def _byte_level_tokenizer(tokens: list[str], merges: list[str], pre: str):
     from tokenizers import Regex, Tokenizer as _Tok, decoders, models, pre_tokenizers
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]  # byte-level symbols never hold a space (it is Ġ)
-    # llama.cpp sets ignore_merges for Llama 3: a whole pre-token found in the vocab is one token.
-    tok = _Tok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRES))
+    try:  # llama.cpp sets ignore_merges for Llama 3: a whole pre-token found in the vocab is one token.
+        tok = _Tok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRES))
+    except Exception as e:  # noqa: BLE001 - merges that are not "a b" pairs, or name pieces the vocab lacks
+        raise LlamaforgeError(f"the GGUF tokenizer's merges are not valid ({' '.join(str(e).split())[:120]}): "
+                              "the file is damaged; re-convert it") from None
     if pre in DIGIT_PRES:  # llama.cpp: regexes "\p{N}" then GPT-2's, applied one after the other
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])

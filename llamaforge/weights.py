@@ -94,7 +94,7 @@ def checked_config(where, keys: dict[str, str], **values) -> ModelConfig:
     import math
 
     def bad(field, value, want):
-        return LlamaforgeError(f"{where}: {keys.get(field, field)} is {str(value)[:40]!r}, expected {want}: "
+        return LlamaforgeError(f"{where}: {keys.get(field, field)} is {repr(value)[:40]}, expected {want}: "
                                "the file is corrupt or not a llama model")
     def check_sizes(get, optional=()):
         for field, limit in CONFIG_LIMITS.items():

@@ -121,17 +121,18 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
         assert f in lines[0], (f, lines[0])
 
 
-def four_commands(files, model, tmp_path) -> dict[str, list]:
-    """info, generate, convert and finetune on `model`."""
+def four_commands(files, model, tmp_path, own_tokenizer: bool = False) -> dict[str, list]:
+    """info, generate, convert and finetune on `model` (generate with our tokenizer.json unless `own_tokenizer`)."""
+    tok = [] if own_tokenizer else ["--tokenizer", files["tok"]]
     return {"info": ["info", model],
-            "generate": ["generate", "-m", model, "--tokenizer", files["tok"], "-p", "hi", "--max-new-tokens", "2"],
+            "generate": ["generate", "-m", model, *tok, "-p", "hi", "--max-new-tokens", "2"],
             "convert": ["convert", model, tmp_path / "out", "--to", "hf"],
             "finetune": ["finetune", "--model", model, "--data", files["data"], "--out", tmp_path / "ft", "--max-steps", "1",
                          "--batch-size", "1", "--micro-batch-size", "1", "--seq-len", "64", "--device", "cpu"]}
 
 
-def assert_all_refuse(capsys, files, model, tmp_path, *fragments):
-    for name, args in four_commands(files, model, tmp_path).items():
+def assert_all_refuse(capsys, files, model, tmp_path, *fragments, own_tokenizer=False):
+    for name, args in four_commands(files, model, tmp_path, own_tokenizer).items():
         rc, _, err = run(capsys, *args)
         assert_one_line_error(rc, err, *fragments)
         assert not (tmp_path / "out").exists()  # convert wrote nothing
@@ -151,6 +152,7 @@ def test_the_tiny_files_are_good(files, tmp_path, capsys):
 
 # ---- GGUF: deep arrays, bad or lying sizes, shapes that disagree with the config ----
 
+PIECES = [chr(0x100 + i) for i in range(300)]  # byte-level-looking vocabulary entries
 DEEP = b"".join([struct.pack("<IQ", 9, 1)] * 100_000) + struct.pack("<IQ", 4, 0)  # arrays nested 100k deep
 
 GGUF_CASES = {
@@ -170,6 +172,10 @@ GGUF_CASES = {
     "tokens not strings": ({"tokenizer.ggml.model": (8, "gpt2"), "tokenizer.ggml.tokens": (9, (4, [1, 2]))}, None,
                            "tokenizer.ggml.tokens"),
     "chat template a number": ({"tokenizer.chat_template": (4, 7)}, None, "tokenizer.chat_template"),
+    "merges that are not pairs": ({"tokenizer.ggml.model": (8, "gpt2"), "tokenizer.ggml.tokens": (9, (8, PIECES[:259])),
+                                   "tokenizer.ggml.merges": (9, (8, ["ab"]))}, None, "merges are not valid"),
+    "more tokens than embedding rows": ({"tokenizer.ggml.model": (8, "gpt2"), "tokenizer.ggml.tokens": (9, (8, PIECES))},
+                                        None, "the tokenizer has 300 tokens"),
     "tensor dims disagree": ({}, {"blk.0.attn_q.weight": np.zeros((32, 64))}, "attention.wq"),
     "unknown tensor": ({}, {"blk.0.evil.weight": np.zeros(4)}, "unexpected tensor"),
     "rope_freqs misshapen": ({}, {"rope_freqs.weight": np.ones(3)}, "rope_freqs"),
@@ -183,7 +189,7 @@ def test_bad_gguf(case, files, tmp_path, capsys):
     tensors = {**gguf_tensors(files["sd"]), **(tensor_changes or {})}
     path = tmp_path / "bad.gguf"
     write_gguf_raw(path, meta, tensors)
-    assert_all_refuse(capsys, files, path, tmp_path, str(path), fragment)
+    assert_all_refuse(capsys, files, path, tmp_path, str(path), fragment, own_tokenizer="tokenizer.ggml.model" in meta)
 
 
 # ---- safetensors: 13 kinds of corrupt header, and tensors that disagree with config.json ----

@@ -266,6 +266,18 @@ def greedy_alone(model, prompt: list[int], out: list[int]) -> bool:
     return all(logits[len(prompt) - 1 + i].max() - logits[len(prompt) - 1 + i, t] <= 1e-4 for i, t in enumerate(out))
 
 
+def run_together(model, seqs: list[Sequence]) -> list[list[int]]:
+    """Submit all, then start the engine: they arrive together (one prefill group) and decode in one batch."""
+    engine = Engine(model, max_batch=8, max_seq_len=64)
+    try:
+        for s in seqs:
+            engine.submit(s)
+        engine.start()
+        return [[step.token for step in s] for s in seqs]
+    finally:
+        engine.stop()
+
+
 def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_model, monkeypatch):
     # Eight sequences arrive together (one prefill group); one of them fails while sampling (a stand-in for
     # any per-sequence error) and one whose prompt holds a poisoned token makes the group's forward fail:
@@ -286,16 +298,9 @@ def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_
     monkeypatch.setattr(engine_mod, "sample", sample)
     monkeypatch.setattr(tiny_model, "forward", forward)
     prompts = [[3, 4, 5], [9] * 7, [1, 2], [100, 200, 300, 400], [7], [8, 8], [50, 60], [POISON, 1]]
-    seqs = [Sequence(p, SamplingConfig(max_new_tokens=5)) for p in prompts[:7]] + [Sequence(prompts[7], SamplingConfig(max_new_tokens=5))]
-    seqs[2] = Sequence(prompts[2], SamplingConfig(max_new_tokens=5, temperature=0.5, seed=13))
-    engine = Engine(tiny_model, max_batch=8, max_seq_len=64)
-    try:
-        for s in seqs:
-            engine.submit(s)
-        engine.start()
-        outs = [[step.token for step in s] for s in seqs]
-    finally:
-        engine.stop()
+    seqs = [Sequence(p, SamplingConfig(max_new_tokens=5, **({"temperature": 0.5, "seed": 13} if i == 2 else {})))
+            for i, p in enumerate(prompts)]
+    outs = run_together(tiny_model, seqs)
     assert [s.finish_reason for s in seqs] == ["length"] * 2 + ["error"] + ["length"] * 4 + ["error"]
     for i in (0, 1, 3, 4, 5, 6):
         assert len(outs[i]) == 5 and greedy_alone(tiny_model, prompts[i], outs[i]), i
@@ -311,14 +316,7 @@ def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_
     monkeypatch.setattr(engine_mod, "sample", flaky)
     seqs = [Sequence(p, SamplingConfig(max_new_tokens=6)) for p in prompts[:3]]
     seqs.append(Sequence([11, 12], SamplingConfig(max_new_tokens=6, temperature=0.5, seed=13)))
-    engine = Engine(tiny_model, max_batch=8, max_seq_len=64)
-    try:
-        for s in seqs:
-            engine.submit(s)
-        engine.start()
-        outs = [[step.token for step in s] for s in seqs]
-    finally:
-        engine.stop()
+    outs = run_together(tiny_model, seqs)
     assert seqs[3].finish_reason == "error" and len(outs[3]) == 2
     assert all(len(outs[i]) == 6 and greedy_alone(tiny_model, prompts[i], outs[i]) for i in range(3))
 

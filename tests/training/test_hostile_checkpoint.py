@@ -5,9 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 from llamaforge.training.pretrain import train
 from llamaforge.weights import atomic_dir, remove_stale_temporaries
 
@@ -33,14 +30,6 @@ def save_file(tensors, path, *a, **kw):
 safetensors.torch.save_file = save_file
 train(tiny_train_config({data!r}, {run!r}))
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def hidden(run: Path) -> list[str]:
