@@ -349,8 +349,8 @@ TEMPLATE_CASES = {
 
 @pytest.fixture
 def fast_render(monkeypatch):
-    import llamaforge.chat as chat
-    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    import llamaforge.sandbox as sandbox
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
 
 
 @pytest.mark.parametrize("case", TEMPLATE_CASES)
