@@ -405,3 +405,28 @@ def test_a_chat_line_longer_than_the_context_is_that_lines_error(files, capsys, 
     assert rc == 0 and "Traceback" not in err
     assert err.strip().startswith("llamaforge: error: this message takes") and len(err.strip().splitlines()) == 1, err
     assert len(prompts) == 2 and "first question" in prompts[1] and "second question" in prompts[1]  # history kept
+
+
+def test_bounded_render_equals_jinjas_sandbox_on_a_feature_rich_template():
+    # the bounds must not change what a real template renders (the features of Llama 3.1's and Qwen's templates)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llamaforge.sandbox import _tojson, bounded_environment, render_bounded
+    template = (
+        "{%- set ns = namespace(sys='', n=0) -%}{%- if messages[0]['role'] == 'system' -%}{%- set ns.sys = messages[0]['content']|trim -%}"
+        "{%- set messages = messages[1:] -%}{%- endif -%}<|sys|>{{ ns.sys ~ '\n' }}{%- if tools is defined -%}"
+        "{{ tools|tojson(indent=4) }}{%- for t in tools|selectattr('type', 'equalto', 'function')|map(attribute='function') -%}"
+        "{{ t.name|upper ~ ':' ~ t.parameters.properties|dictsort|map('first')|join(',') }}{% endfor %}{%- endif -%}"
+        "{%- for m in messages -%}{%- set ns.n = ns.n + 1 -%}{%- if m.content is string and m.content.startswith('/') -%}"
+        "{{ '[cmd ' ~ m.content.split(' ')[0][1:] ~ ']' }}{%- else -%}<|{{ m.role }}|>{{ m.content|replace('\t', '    ') }}"
+        "{{ '<|eot|>' if not loop.last else '' }}{%- endif -%}{%- endfor -%}{%- for a, b in [('x', 1), ('y', 2)] -%}{{ a }}{{ b }}"
+        "{%- endfor -%}{% set tail %}{{ ns.n }} turns, {{ '%05.1f'|format(3.14159) }}, {{ '{:>6}'.format('r') }}{% endset %}"
+        "{{ tail|indent(2) }}{{ ('ab' * 3)|center(12) }}{{ [1, 2, 3]|sum }}{{ messages|length }}{{ range(3)|list }}"
+        "{%- if add_generation_prompt %}<|assistant|>{% endif -%}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"properties": {"city": {}, "unit": {}}}}}]
+    msgs = [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "hi\tthere"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "/reset now"}]
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    plain.filters["tojson"] = _tojson
+    want = plain.from_string(template).render(messages=msgs, tools=tools, add_generation_prompt=True)
+    got = render_bounded(bounded_environment().from_string(template), messages=msgs, tools=tools, add_generation_prompt=True)
+    assert got == want and "GET_WEATHER:city,unit" in got and "003.1" in got
