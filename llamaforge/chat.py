@@ -17,11 +17,11 @@ including its end-of-turn token (the model must learn to stop), False elsewhere.
 """
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 
 from .errors import LlamaforgeError
+from .sandbox import TemplateLimit, bounded_environment, render_bounded
 from .tokenizer import Tokenizer
 
 Messages = list[dict]
@@ -61,10 +61,6 @@ class ChatFormat:
         return self.encode(messages, add_generation_prompt=True)[0]
 
 
-def _tojson(x, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 class JinjaChat(ChatFormat):
     name = "template"
     # Each content is rendered as PAD \ue000 i \ue001 PAD. PAD is U+2028, whitespace to Python's
@@ -74,35 +70,49 @@ class JinjaChat(ChatFormat):
 
     def __init__(self, tokenizer: Tokenizer, template: str):
         super().__init__(tokenizer)
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import nodes
 
         def raise_exception(msg):
             raise LlamaforgeError(f"chat template: {msg}")
 
-        # transformers' environment: trim/lstrip blocks, loop controls, its tojson and helpers
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
+        # transformers' environment: trim/lstrip blocks, loop controls, its tojson and helpers; bounded
+        env = bounded_environment()
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        fix = "pass --chat-format chatml|llama2|llama3"
+        if not isinstance(template, str):
+            raise LlamaforgeError(f"the model's chat template is a {type(template).__name__}, not text; {fix}")
         try:
-            self.template = env.from_string(template)
-        except TemplateError as e:
-            raise LlamaforgeError(f"the model's chat template does not parse ({e}); pass --chat-format chatml|llama2|llama3") from None
+            tree = env.parse(template)
+            reads = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import", nodes.Extends: "extends"}
+            other = next(tree.find_all(tuple(reads)), None)
+            if other is not None:
+                raise LlamaforgeError(f"the model's chat template uses {{% {reads[type(other)]} %}}, which would read other "
+                                      f"template files; llamaforge renders self-contained templates only: {fix}")
+            self.template = env.from_string(tree)
+        except LlamaforgeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - TemplateSyntaxError, or RecursionError/MemoryError from a pathological one
+            msg = " ".join(str(e).split())[:200]
+            raise LlamaforgeError(f"the model's chat template does not parse ({type(e).__name__}: {msg}); {fix}") from None
         self.source = template
 
     def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The template's text with each content as a marker (see `_MARK`)."""
         _check(messages)
-        from jinja2 import TemplateError
         marked = [dict(m, content=f"{self._PAD}\ue000{i}\ue001{self._PAD}") for i, m in enumerate(messages)]
         tok = self.tok
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
         try:
-            return self.template.render(messages=marked, add_generation_prompt=add_generation_prompt,
-                                        bos_token=bos, eos_token=eos)
-        except TemplateError as e:
-            raise LlamaforgeError(f"the chat template failed on these messages: {e}") from None
+            return render_bounded(self.template, messages=marked, add_generation_prompt=add_generation_prompt,
+                                   bos_token=bos, eos_token=eos)
+        except LlamaforgeError:  # the template's own raise_exception
+            raise
+        except TemplateLimit as e:
+            raise LlamaforgeError(f"the model's chat template was stopped: {e}; pass --chat-format chatml|llama2|llama3") from None
+        except Exception as e:  # noqa: BLE001 - TemplateError, or any Python error the template's code raised
+            msg = " ".join(str(e).split())[:200]
+            raise LlamaforgeError(f"the chat template failed on these messages ({type(e).__name__}: {msg})") from None
 
     def encode(self, messages, add_generation_prompt=True):
         text = self.render(messages, add_generation_prompt)

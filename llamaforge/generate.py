@@ -46,12 +46,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """Divide positive / multiply negative logits of already-seen tokens by `penalty`. logits: (B, vocab)."""
     picked = logits.gather(-1, seen)
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
+    big = torch.finfo(picked.dtype).max  # a tiny or huge penalty overflows to inf: keep the order, stay finite
+    return logits.scatter(-1, seen, picked.clamp(-big, big))
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(B, vocab) logits -> (B, vocab) probabilities after temperature, top-k and nucleus filtering."""
-    logits = logits.float() / max(temperature, 1e-5)
+    """(B, vocab) logits -> (B, vocab) probabilities after temperature, top-k and nucleus filtering.
+    Numerically safe for any logits: NaN counts as -inf, +-inf as the largest finite float, so every row
+    keeps at least one finite logit and sums to 1 (torch.multinomial rejects inf and NaN)."""
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits.float() / max(temperature, 1e-5), nan=-big, posinf=big, neginf=-big)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -22,6 +22,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import LlamaforgeError
+from .weights import check_shapes, checked_config
 
 # ours <-> GGUF tensor names (gguf-py constants.py MODEL_TENSOR names for LLM_ARCH_LLAMA)
 GGUF_NAMES = {
@@ -63,6 +64,15 @@ def map_name(name: str, to_gguf: bool) -> str | None:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _ARRAY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _U64 = struct.Struct("<Q")
+_MAX_NESTING = 8  # llama.cpp writes at most arrays of arrays of strings
+
+# Metadata keys llamaforge reads, and the Python type each must have (a file that lies is refused, not crashed on)
+_KEY_TYPES = {"general.architecture": str, "general.name": str, "tokenizer.ggml.model": str, "tokenizer.ggml.pre": str,
+              "tokenizer.chat_template": str, "tokenizer.ggml.tokens": (list, str), "tokenizer.ggml.merges": (list, str),
+              "tokenizer.ggml.token_type": (list, int), "tokenizer.ggml.scores": (list, (int, float)),
+              "tokenizer.ggml.bos_token_id": int, "tokenizer.ggml.eos_token_id": int, "tokenizer.ggml.padding_token_id": int,
+              "tokenizer.ggml.unknown_token_id": int, "tokenizer.ggml.add_bos_token": bool,
+              "tokenizer.ggml.add_space_prefix": bool}
 
 
 class _Corrupt(Exception):
@@ -118,7 +128,7 @@ class _Cursor:
         self.off = off
         return out
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == 8:
@@ -128,8 +138,10 @@ class _Cursor:
         sub = self.take("<I")
         if sub == 8:
             return self.strings(self.count(8))
-        if sub == 9:  # nested arrays (rare): element by element
-            return [self.value(9) for _ in range(self.count(12))]
+        if sub == 9:  # nested arrays (rare): element by element, to a bounded depth (no RecursionError)
+            if depth >= _MAX_NESTING:
+                raise _Corrupt(f"metadata arrays nested more than {_MAX_NESTING} deep")
+            return [self.value(9, depth + 1) for _ in range(self.count(12))]
         if sub not in _ARRAY_DTYPES:
             raise _Corrupt(f"unknown metadata array type {sub}")
         dt = np.dtype(_ARRAY_DTYPES[sub])
@@ -164,7 +176,12 @@ def _parse(buf, size: int) -> tuple[dict, list[tuple], int]:
         infos.append((name, dims, c.take("<I"), c.take("<Q")))
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
-        raise _Corrupt(f"invalid general.alignment {align!r}")
+        raise _Corrupt(f"invalid general.alignment {str(align)[:40]!r}")
+    for key, want in _KEY_TYPES.items():
+        v = meta.get(key)
+        kind, item = want if isinstance(want, tuple) else (want, None)
+        if v is not None and (not isinstance(v, kind) or (item and not all(isinstance(x, item) for x in v))):
+            raise _Corrupt(f"metadata {key} is not a {kind.__name__}{' of ' + str(item) if item else ''}")
     return meta, infos, (c.off + align - 1) // align * align
 
 
@@ -213,6 +230,8 @@ class GGUFFile:
             raise LlamaforgeError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported; llamaforge runs 'llama' models")
 
     def config(self) -> ModelConfig:
+        """The model config in the metadata, checked against sane bounds and against the tensors' shapes
+        (read from the header: nothing is built or dequantized), so that a file that lies is refused."""
         m, a = self.metadata, "llama"
         need = [f"{a}.embedding_length", f"{a}.block_count", f"{a}.attention.head_count", f"{a}.feed_forward_length"]
         missing = [k for k in need if k not in m]
@@ -220,17 +239,30 @@ class GGUFFile:
             raise LlamaforgeError(f"{self.path}: GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
         emb = self.tensors.get("token_embd.weight")
         vocab = m.get(f"{a}.vocab_size") or len(m.get("tokenizer.ggml.tokens") or []) or (emb.shape[0] if emb else 0)
-        cfg = ModelConfig(
-            dim=m[f"{a}.embedding_length"], n_layers=m[f"{a}.block_count"], n_heads=m[f"{a}.attention.head_count"],
-            n_kv_heads=m.get(f"{a}.attention.head_count_kv"), hidden_dim=m[f"{a}.feed_forward_length"],
-            vocab_size=int(vocab), norm_eps=float(m.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(m.get(f"{a}.rope.freq_base", 10000.0)), max_seq_len=int(m.get(f"{a}.context_length", 2048)),
-            tie_embeddings="output.weight" not in self.tensors, name=str(m.get("general.name", "")),
-        )
+        keys = {"dim": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+                "n_kv_heads": "attention.head_count_kv", "hidden_dim": "feed_forward_length", "vocab_size": "vocab_size",
+                "norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base", "max_seq_len": "context_length"}
+        cfg = checked_config(self.path, {k: f"{a}.{v}" for k, v in keys.items()},
+                             dim=m[f"{a}.embedding_length"], n_layers=m[f"{a}.block_count"], n_heads=m[f"{a}.attention.head_count"],
+                             n_kv_heads=m.get(f"{a}.attention.head_count_kv"), hidden_dim=m[f"{a}.feed_forward_length"],
+                             vocab_size=vocab, norm_eps=m.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+                             rope_theta=m.get(f"{a}.rope.freq_base", 10000.0), max_seq_len=m.get(f"{a}.context_length", 2048),
+                             tie_embeddings="output.weight" not in self.tensors, name=str(m.get("general.name", "")))
         rot = m.get(f"{a}.rope.dimension_count", cfg.head_dim)
         if rot != cfg.head_dim or m.get(f"{a}.attention.key_length", cfg.head_dim) != cfg.head_dim:
-            raise LlamaforgeError(f"{self.path}: head size or rope dimension ({rot}) differs from dim / n_heads = {cfg.head_dim}; not supported")
+            raise LlamaforgeError(f"{self.path}: head size or rope dimension ({str(rot)[:20]}) differs from dim / n_heads = {cfg.head_dim}; not supported")
+        shapes = {}
+        for name, t in self.tensors.items():
+            ours = map_name(name, to_gguf=False)
+            if ours is None and name != "rope_freqs.weight":
+                raise LlamaforgeError(f"{self.path}: unexpected tensor {name!r} for a llama model")
+            shapes[ours] = t.shape
+        shapes.pop(None, None)
+        check_shapes(self.path, cfg, shapes)
         if "rope_freqs.weight" in self.tensors:
+            if self.tensors["rope_freqs.weight"].shape != (cfg.head_dim // 2,):
+                raise LlamaforgeError(f"{self.path}: rope_freqs.weight has shape {self.tensors['rope_freqs.weight'].shape}, "
+                                      f"expected ({cfg.head_dim // 2},): the file is corrupt")
             cfg.rope_scaling = _match_rope_scaling(cfg, self.tensor("rope_freqs.weight"))
         return cfg
 

@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig
 from .errors import LlamaforgeError
 from .gguf import dequantize, map_name, rope_freq_factors
+from .weights import expected_shapes
 
 _QTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
            "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
@@ -91,21 +92,9 @@ def _max_error(data: np.ndarray, ttype, t: torch.Tensor) -> float:
     return float(back.sub_(t.detach().float()).abs_().max())
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    q, kv, d, h = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.dim, cfg.hidden_dim
-    layer = {"attention_norm": (d,), "ffn_norm": (d,), "attention.wq": (q, d), "attention.wk": (kv, d),
-             "attention.wv": (kv, d), "attention.wo": (d, q), "feed_forward.w1": (h, d), "feed_forward.w2": (d, h),
-             "feed_forward.w3": (h, d)}
-    out = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        out["output.weight"] = (cfg.vocab_size, d)
-    out.update({f"layers.{i}.{k}.weight": s for i in range(cfg.n_layers) for k, s in layer.items()})
-    return out
-
-
 def _gguf_tensors(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our names -> GGUF names, checked against the config; tied output omitted, rope_freqs added."""
-    want = _expected_shapes(cfg)
+    want = expected_shapes(cfg)
     sd = {k: v for k, v in state_dict.items() if not (k == "output.weight" and cfg.tie_embeddings)}
     for k, v in sd.items():
         if map_name(k, to_gguf=True) is None:

@@ -85,7 +85,7 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
         gf = GGUFFile(path)
         cfg, sd = gf.config(), (gf.state_dict() if tensors else {})
         has_tok = "tokenizer.ggml.model" in gf.metadata  # a weights-only GGUF loads too; text needs --tokenizer
-        tok = tokenizer_from_gguf(gf.metadata) if tokenizer is None and has_tok else None
+        tok = _gguf_tokenizer(gf, cfg) if tokenizer is None and has_tok else None
         template = gf.metadata.get("tokenizer.chat_template")
     else:
         cfg, sd = load_hf(path) if fmt == "hf" else load_meta(path)
@@ -102,6 +102,18 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
     if not cfg.name:
         cfg.name = path.stem
     return LoadedWeights(fmt, path, cfg, sd, tok, template, gf)
+
+
+def _gguf_tokenizer(gf, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer in a GGUF file's metadata; it must not make ids past the file's embedding."""
+    try:
+        tok = tokenizer_from_gguf(gf.metadata)
+    except LlamaforgeError as e:
+        raise LlamaforgeError(f"{gf.path}: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise LlamaforgeError(f"{gf.path}: the tokenizer has {tok.vocab_size:,} tokens but the embedding {cfg.vocab_size:,} rows: "
+                              "the file is corrupt")
+    return tok
 
 
 class LLM:
@@ -188,9 +200,11 @@ class LLM:
     def generate(self, prompt: str | list[int], **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))
 
+    chat_format_error: str | None = None  # why the model's own chat format could not be used
+
     def chat_ids(self, messages: Messages) -> list[int]:
         if self.chat_format is None:
-            raise LlamaforgeError("this model has no chat format: pass chat_format='chatml'|'llama2'|'llama3'")
+            raise LlamaforgeError(self.chat_format_error or "this model has no chat format: pass chat_format='chatml'|'llama2'|'llama3'")
         return self.chat_format.encode_prompt(messages)
 
     def chat(self, messages: Messages, stream: bool = False, **sampling):
@@ -243,19 +257,23 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
         if all(isinstance(layer, torch.nn.Linear) for *_, layer in lora_layers(net)):
             merge_lora(net)
         net.eval()
-    fmt = None
+    fmt, why = None, None
     if w.tokenizer is not None:
         try:
             fmt = chat_format_for(w.tokenizer, w.chat_template, chat_format)
-        except LlamaforgeError:
+        except LlamaforgeError as e:
             if chat_format is not None:
                 raise
-    return LLM(net, w.tokenizer, fmt, w)
+            why = str(e) if w.chat_template else None  # a broken template is told as such, not as "no chat format"
+    llm = LLM(net, w.tokenizer, fmt, w)
+    llm.chat_format_error = why
+    return llm
 
 
 def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
-    """What `llamaforge info` prints, read from headers and metadata only (nothing dequantized)."""
-    import json
+    """What `llamaforge info` prints, read from headers and metadata only (nothing dequantized), checked as
+    loading checks them: a config that disagrees with the tensors is an error, not a fact to print."""
+    import math
 
     fmt, path = resolve(model)
     types: dict[str, list[int]] = {}
@@ -272,20 +290,18 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
         gf = GGUFFile(path)
         cfg = gf.config()
         for _, typ, shape, nbytes in gf.tensor_info():
-            count(typ, nbytes, int(torch.Size(shape).numel()))
-        tok = load_tokenizer_file(tokenizer) if tokenizer else (tokenizer_from_gguf(gf.metadata) if "tokenizer.ggml.model" in gf.metadata else None)
+            count(typ, nbytes, math.prod(shape))
+        tok = load_tokenizer_file(tokenizer) if tokenizer else (
+            _gguf_tokenizer(gf, cfg) if "tokenizer.ggml.model" in gf.metadata else None)
         template = gf.metadata.get("tokenizer.chat_template")
-    elif fmt == "hf":
-        from safetensors import safe_open
-        from .weights import config_from_hf
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-        for f in sorted(path.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as fh:
-                for name in fh.keys():
-                    sl = fh.get_slice(name)
-                    n = int(torch.Size(sl.get_shape()).numel())
-                    dt = sl.get_dtype()
-                    count(dt, n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dt, 1), n)
+    elif fmt == "hf":  # the same checks as loading: headers read and matched to the config, no tensor read
+        from .weights import check_shapes, config_from_hf, read_json, read_safetensors, safetensors_files
+        cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
+        headers = read_safetensors(safetensors_files(path), tensors=False)
+        check_shapes(path, cfg, {k: shape for k, (_, shape, _) in headers.items()})
+        for dt, shape, _ in headers.values():
+            n = math.prod(shape)
+            count(dt, n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dt, 1), n)
         tok = None
     else:
         cfg, sd = load_meta(path)
@@ -300,8 +316,8 @@ def read_info(model: str | Path, tokenizer: str | Path | None = None) -> dict:
     if tok is not None:
         try:
             fmt_name = chat_format_for(tok, template).name
-        except LlamaforgeError:
-            pass
+        except LlamaforgeError as e:
+            fmt_name = f"none ({e})"
     tok_desc = f"{tok.kind} ({tok.vocab_size:,} tokens, bos={tok.bos_id}, eos={tok.eos_id})" if tok else "none found"
     return {"path": path, "format": fmt, "config": cfg, "tokenizer": tok_desc, "chat_format": fmt_name,
             "types": {k: tuple(v) for k, v in types.items()}}

@@ -144,14 +144,17 @@ class HFTokenizer(Tokenizer):
         cfg_path = path.with_name("tokenizer_config.json")
         try:
             cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-        except ValueError as e:
-            raise LlamaforgeError(f"{cfg_path} is not valid JSON ({e}): fix or remove it") from None
+        except (ValueError, RecursionError) as e:
+            raise LlamaforgeError(f"{cfg_path} is not valid JSON ({str(e) or 'it nests too deeply'}): fix or remove it") from None
+        if cfg is not None and not isinstance(cfg, dict):
+            raise LlamaforgeError(f"{cfg_path} holds a JSON {type(cfg).__name__}, expected an object: fix or remove it")
         name = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
         if cfg is None:
             bos, eos = next(((b, e) for b, e in KNOWN_BOS_EOS if b in specials), (None, None))
             pad, add_bos, template = None, bos is not None, None
         else:
-            bos, eos, pad = name(cfg.get("bos_token")), name(cfg.get("eos_token")), name(cfg.get("pad_token"))
+            bos, eos, pad = (v if isinstance(v, str) else None for v in map(name, (cfg.get("bos_token"), cfg.get("eos_token"),
+                                                                                       cfg.get("pad_token"))))
             add_bos = cfg.get("add_bos_token")
             template = cfg.get("chat_template")
         for piece in (bos, eos, pad):  # a BOS/EOS that is a plain vocab entry still needs its id
@@ -160,7 +163,7 @@ class HFTokenizer(Tokenizer):
         if add_bos is None and bos in specials:  # Llama 3 style: BOS added by the post-processor template
             add_bos = tok.encode("a").ids[:1] == [specials[bos]]
         if isinstance(template, list):  # list of named templates
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
         return cls(tok, specials, bos, eos, add_bos, pad, template)
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -316,8 +319,11 @@ def _byte_level_tokenizer(tokens: list[str], merges: list[str], pre: str):
     from tokenizers import Regex, Tokenizer as _Tok, decoders, models, pre_tokenizers
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]  # byte-level symbols never hold a space (it is Ġ)
-    # llama.cpp sets ignore_merges for Llama 3: a whole pre-token found in the vocab is one token.
-    tok = _Tok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRES))
+    try:  # llama.cpp sets ignore_merges for Llama 3: a whole pre-token found in the vocab is one token.
+        tok = _Tok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRES))
+    except Exception as e:  # noqa: BLE001 - merges that are not "a b" pairs, or name pieces the vocab lacks
+        raise LlamaforgeError(f"the GGUF tokenizer's merges are not valid ({' '.join(str(e).split())[:120]}): "
+                              "the file is damaged; re-convert it") from None
     if pre in DIGIT_PRES:  # llama.cpp: regexes "\p{N}" then GPT-2's, applied one after the other
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])

@@ -2,7 +2,7 @@
 
 Flags are generated from the jobs' dataclasses (`common.add_config_flags`), so each default is
 written once. Bad input raises `LlamaforgeError`; `main` prints it on one line and exits 2, never a
-traceback. Heavy imports stay inside the command functions: `llamaforge --help` starts fast.
+traceback (anything else is a bug: one line and exit 1, the traceback with LLAMAFORGE_DEBUG=1). Heavy imports stay inside the command functions: `llamaforge --help` starts fast.
 """
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (RecursionError, MemoryError) as e:  # input nested or sized past what the checks foresaw
+        print(f"llamaforge: error: {'the input nests too deeply' if isinstance(e, RecursionError) else 'out of memory'} "
+              "(a corrupt or hostile file?)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line, not a traceback, unless asked for
+        if os.environ.get("LLAMAFORGE_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(f"llamaforge: internal error: {type(e).__name__}: {msg} (a bug: please report it; "
+              "LLAMAFORGE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -13,7 +13,7 @@ def cmd_generate(args) -> None:
     kw = sampling_kwargs(args)
     from ..llm import sampling_config
     sampling_config(**kw)  # validate before the slow load
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = _text(args.prompt) if args.prompt is not None else _stdin().read()
     if not prompt:
         raise LlamaforgeError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     llm = load_llm(args)
@@ -30,14 +30,29 @@ def cmd_generate(args) -> None:
         print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s]", file=sys.stderr)
 
 
+def _stdin():
+    """Standard input that decodes bytes that are not UTF-8 as U+FFFD instead of raising (or, under a C
+    locale, of handing surrogate escapes that no tokenizer encodes to the model)."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")
+    return sys.stdin
+
+
+def _text(s: str | None) -> str | None:
+    """A command-line argument as valid Unicode: bytes that were not UTF-8 (surrogate escapes) become U+FFFD."""
+    return None if s is None else s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _fit_history(llm, messages: list[dict], reserve: int) -> list[dict]:
     """Drop the oldest exchanges (keeping the system prompt) until the prompt leaves `reserve` tokens."""
     ctx = llm.config.max_seq_len
     msgs = list(messages)
+    first = 1 if msgs and msgs[0]["role"] == "system" else 0
+    n = len(llm.chat_ids(msgs[:first] + msgs[-1:]))
+    if n + reserve > ctx:  # even alone: nothing is dropped, the caller keeps its history
+        raise LlamaforgeError(f"this message takes {n} tokens and its answer {reserve}, more than the model's {ctx}-token "
+                              "context window: shorten it")
     while len(llm.chat_ids(msgs)) + reserve > ctx:
-        first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        if len(msgs) - first <= 1:
-            raise LlamaforgeError(f"the message is longer than the model's context window ({ctx} tokens): shorten it")
         del msgs[first:first + 2]
         print("[oldest turns dropped to fit the context window]", file=sys.stderr)
     return msgs
@@ -54,8 +69,9 @@ def cmd_chat(args) -> None:
         rag = RagChat(args.rag, show_context=args.show_context)
     llm = load_llm(args)
     if llm.chat_format is None:
-        raise LlamaforgeError("this model has no chat format; pass --chat-format chatml|llama2|llama3")
-    system = [{"role": "system", "content": args.system}] if args.system else []
+        raise LlamaforgeError(llm.chat_format_error or "this model has no chat format; pass --chat-format chatml|llama2|llama3")
+    system = [{"role": "system", "content": _text(args.system)}] if args.system else []
+    _stdin()  # input() reads through it
     history = list(system)
     reserve = min(cfg.max_new_tokens, llm.config.max_seq_len // 4)
     if interactive:
@@ -80,11 +96,16 @@ def cmd_chat(args) -> None:
             history = list(system)
             print("[history cleared]", file=sys.stderr)
             continue
-        if rag is None:
-            history = _fit_history(llm, history + [{"role": "user", "content": line}], reserve)
-            ids = llm.chat_ids(history)
-        else:
-            history, ids = rag.turn(llm, history, line, reserve)
+        try:  # a line that cannot be answered (too long, refused by the template) is that line's error only
+            if rag is None:
+                turn = _fit_history(llm, history + [{"role": "user", "content": line}], reserve)
+                ids = llm.chat_ids(turn)
+            else:
+                turn, ids = rag.turn(llm, history, line, reserve)
+        except LlamaforgeError as e:
+            print(f"llamaforge: error: {e}", file=sys.stderr)
+            continue
+        history = turn
         reply = []
         try:
             for piece in llm.stream_ids(ids, **kw):

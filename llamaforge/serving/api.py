@@ -79,10 +79,19 @@ def _schemas():
         return _SCHEMAS
     from typing import Literal
 
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class Base(BaseModel):
         model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    class Request(Base):
+        @model_validator(mode="before")
+        @classmethod
+        def _unicode(cls, data):
+            where = _invalid_unicode(data)
+            if where is not None:
+                raise ValueError(f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
+            return data
 
     class TextPart(Base):
         type: Literal["text"]
@@ -95,7 +104,7 @@ def _schemas():
     class StreamOptions(Base):
         include_usage: bool = False
 
-    class Sampling(Base):
+    class Sampling(Request):
         model: str | None = None
         temperature: float | None = Field(None, ge=0, le=2)
         top_p: float | None = Field(None, gt=0, le=1)
@@ -125,7 +134,7 @@ def _schemas():
         suffix: None = None
         best_of: int = Field(1, ge=1, le=1)
 
-    class EmbeddingRequest(Base):
+    class EmbeddingRequest(Request):
         model: str | None = None
         input: str | list[str] = Field(description="a text or a list of texts")
         encoding_format: Literal["float", "base64"] = "float"
@@ -137,6 +146,24 @@ def _schemas():
 
 
 _SCHEMAS = None
+
+
+def _invalid_unicode(body) -> str | None:
+    """Where in a parsed JSON body a string holds a lone surrogate (JSON's "\\ud800" escapes make them; no
+    tokenizer can encode one), as 'messages[0].content'; None if nowhere."""
+    stack = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # the path may hold a bad key too: pydantic cannot carry a message with one
+                return (where or "body").encode("utf-8", "backslashreplace").decode()
+        elif isinstance(value, dict):
+            stack += [(v, f"{where}.{k}".lstrip(".")) for k, v in value.items() if isinstance(k, str)]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return None
 
 
 # ---- the endpoints, free of the web framework: validated bodies in, JSON-ready dicts or chunk streams out ----

@@ -5,7 +5,7 @@ from pathlib import Path
 from ..embeddings import Embedder
 from ..errors import LlamaforgeError
 from .api import API, ServeConfig, Stream, _schemas
-from .http import APIError, Guard, listen_socket, sse
+from .http import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, APIError, Guard, http_protocol, listen_socket, sse
 
 STATIC = Path(__file__).parent / "static"
 
@@ -21,10 +21,18 @@ def serve(llm, cfg: ServeConfig, name: str) -> None:
         raise LlamaforgeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     port = sock.getsockname()[1]
     app = create_app(llm, cfg, name)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, cfg))
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"llamaforge: serving {name} at http://{host}:{port}/ (OpenAI API under /v1)", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
+
+
+def uvicorn_config(app, cfg: ServeConfig, header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
+    """uvicorn's settings for `app`: h11 with a header timeout, a connection cap and JSON errors (`http.http_protocol`);
+    headers larger than 16 KiB are malformed HTTP (h11's limit, a 400)."""
+    import uvicorn
+    return uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                          http=http_protocol(header_timeout, max_connections), h11_max_incomplete_event_size=16 * 1024)
 
 
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -32,7 +40,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
-def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | str" = "auto"):
+def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | str" = "auto", body_timeout: float = BODY_TIMEOUT):
     """The FastAPI app around an `API`; the engine starts and stops with the app's lifespan."""
     from contextlib import asynccontextmanager
 
@@ -82,7 +90,8 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
         kind = first.get("type", "invalid")
         msg = ("The request body is not valid JSON" if kind == "json_invalid" else
                "The request body must be a JSON object" if kind in ("missing", "model_attributes_type") and not param else
-               f"Invalid value for '{param}': {first.get('msg', 'invalid')}")
+               f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else
+               str(first.get("msg", "invalid")).removeprefix("Value error, "))
         return JSONResponse(APIError(400, msg, param=param, code=kind).body(), 400)
 
     @app.exception_handler(HTTPException)
@@ -128,6 +137,7 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     routes = {r.path for r in app.routes if hasattr(r, "path")} | {"/openapi.json"}
-    app.add_middleware(Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=api.metrics, endpoints=routes)
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=api.metrics, endpoints=routes,
+                       body_timeout=body_timeout)
     return app
 

@@ -240,13 +240,21 @@ class Engine:
                     longest = n
             if not group:
                 return
-            try:
-                self._prefill(group)
-            except Exception as e:  # noqa: BLE001 - these sequences fail, the others go on
-                for seq in group:
-                    seq.error = e
-                    self._finish(seq, "error")
+            if not self._try_prefill(group) and len(group) > 1:
+                for seq in group:  # one by one, so that a sequence's failure stays its own
+                    self._try_prefill([seq])
             self._drop_finished()  # those done after one token
+
+    def _try_prefill(self, group: list[Sequence]) -> bool:
+        """`_prefill`; if it fails, a single sequence fails with the error (a group is left to the caller)."""
+        try:
+            self._prefill(group)
+            return True
+        except Exception as e:  # noqa: BLE001 - these sequences fail, the others go on
+            if len(group) == 1:
+                group[0].error = e
+                self._finish(group[0], "error")
+            return False
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Put `group` in rows 0..k-1 (their sequences move to the end), run the prompts, take first tokens.
@@ -275,11 +283,14 @@ class Engine:
         self.stats["prompt_tokens"] += sum(len(s.prompt) for s in group)
         self.stats["prefills"] += 1
         for b, seq in enumerate(group):
-            if seq.sampling.seed is not None:
-                seq._gen = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
-            if seq.sampling.repetition_penalty != 1.0:
-                seq._seen = torch.tensor([seq.prompt], device=self.device)
-            self._take(seq, logits[b])
+            try:
+                if seq.sampling.seed is not None:
+                    seq._gen = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+                if seq.sampling.repetition_penalty != 1.0:
+                    seq._seen = torch.tensor([seq.prompt], device=self.device)
+                self._take(seq, logits[b])
+            except Exception as e:  # noqa: BLE001 - this row fails (it leaves at the next _drop_finished), the others go on
+                seq.error, seq.finish_reason = e, "error"
 
     def _decode_step(self) -> None:
         seqs = [s for s in self.active]
@@ -291,7 +302,10 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             plain = seq.sampling.temperature == 0 and seq.sampling.repetition_penalty == 1.0
-            self._take(seq, logits[i], greedy[i] if plain else None)
+            try:
+                self._take(seq, logits[i], greedy[i] if plain else None)
+            except Exception as e:  # noqa: BLE001 - as in _prefill: this row fails, the others go on
+                seq.error, seq.finish_reason = e, "error"
 
     def _take(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample the next token of `seq` from its (vocab,) logits, report it, and mark the end."""

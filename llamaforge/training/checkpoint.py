@@ -26,13 +26,17 @@ import torch
 from ..config import ModelConfig
 from ..errors import LlamaforgeError
 from .parallelize import Dist, barrier
-from ..weights import atomic_dir, save_hf
+from ..weights import atomic_dir, remove_stale_temporaries, save_hf
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def checkpoints(run: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first (temporary directories start with '.' and are ignored)."""
+    """Complete checkpoints of a run, oldest first (temporary directories start with '.' and are ignored;
+    those of a process killed while writing, in ckpt/ and beside model/, are removed: a run that starts
+    or resumes after a kill -9 leaves none behind)."""
+    remove_stale_temporaries(Path(run), "model")
+    remove_stale_temporaries(Path(run) / "ckpt", r"step_\d+")
     root = Path(run) / "ckpt"
     found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)

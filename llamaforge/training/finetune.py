@@ -202,7 +202,8 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         raise LlamaforgeError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_seq_len})")
 
     # every line is read and checked before anything is written
-    encode = (lambda r: encode_pref(r, tok, llm.chat_format)) if dpo else (lambda r: encode_sft(r, tok, llm.chat_format))
+    chat, broken = llm.chat_format, llm.chat_format_error
+    encode = (lambda r: encode_pref(r, tok, chat, broken)) if dpo else (lambda r: encode_sft(r, tok, chat, broken))
     train_ex = load_examples(fc.data, encode, seq_len, fc.on_bad_line)
     val_ex = load_examples(fc.val, encode, seq_len, fc.on_bad_line) if fc.val else []
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)

@@ -39,10 +39,31 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                out.append((f"{path}:{i}", json.loads(line)))
+                rec = json.loads(line)
+                if not _valid_unicode(rec):  # JSON's "\ud800" escapes make strings no tokenizer encodes
+                    rec = ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode")
+                out.append((f"{path}:{i}", rec))
             except ValueError as e:
                 out.append((f"{path}:{i}", ValueError(f"not valid JSON ({e})")))
+            except RecursionError:
+                out.append((f"{path}:{i}", ValueError("not valid JSON (it nests too deeply)")))
     return out
+
+
+def _valid_unicode(rec) -> bool:
+    stack = [rec]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return True
 
 
 def line_format(rec) -> str:
@@ -67,8 +88,9 @@ def _strings(rec: dict, *keys: str) -> None:
             raise ValueError(f"{k!r} must be a string")
 
 
-def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
-    """One SFT line -> (ids, target mask): assistant tokens for chat/instruction, all tokens for text."""
+def encode_sft(rec, tok, chat, broken: str | None = None) -> tuple[list[int], list[bool]]:
+    """One SFT line -> (ids, target mask): assistant tokens for chat/instruction, all tokens for text.
+    `broken`: why the model's own chat template cannot be used (`LLM.chat_format_error`), when it cannot."""
     fmt = line_format(rec)
     if fmt == "text":
         _strings(rec, "text")
@@ -87,7 +109,7 @@ def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
         if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise ValueError("'messages' needs at least one assistant message to learn from")
     if chat is None:
-        raise ValueError("a chat line, but the model has no chat format: pass --chat-format chatml|llama2|llama3")
+        raise ValueError(broken or "a chat line, but the model has no chat format: pass --chat-format chatml|llama2|llama3")
     try:
         ids, mask = chat.encode(messages, add_generation_prompt=False)
     except LlamaforgeError as e:
@@ -95,7 +117,7 @@ def encode_sft(rec, tok, chat) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
-def encode_pref(rec, tok, chat) -> tuple[list[int], list[bool], list[int], list[bool]]:
+def encode_pref(rec, tok, chat, broken: str | None = None) -> tuple[list[int], list[bool], list[int], list[bool]]:
     """One preference line -> (chosen ids, chosen targets, rejected ids, rejected targets): the targets
     are the completion's tokens (and its end of turn) after the shared prompt."""
     if line_format(rec) != "pref":
@@ -105,6 +127,8 @@ def encode_pref(rec, tok, chat) -> tuple[list[int], list[bool], list[int], list[
     out = []
     for answer in (rec["chosen"], rec["rejected"]):
         if chat is None:
+            if broken:  # the model has a chat template, and it is unusable: no silent fallback to plain text
+                raise ValueError(broken)
             if not isinstance(prompt, str):
                 raise ValueError("'prompt' must be a string for a model without a chat format")
             p = tok.encode(prompt)
