@@ -46,6 +46,7 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     from .. import __version__
     S = _schemas()
     ChatRequest, CompletionRequest, EmbeddingRequest = S["ChatRequest"], S["CompletionRequest"], S["EmbeddingRequest"]
+    TokenizeRequest, DetokenizeRequest = S["TokenizeRequest"], S["DetokenizeRequest"]
     if embedder == "auto":
         embedder = Embedder.find() if cfg.embeddings else None
     api = API(llm, cfg, name, embedder)
@@ -113,6 +114,14 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         return JSONResponse(await api.embeddings(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return JSONResponse(await api.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(api.detokenize(body))
 
     @app.get("/health")
     async def health():
