@@ -392,7 +392,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model_not_found"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, 400, "context_length_exceeded"),
