@@ -162,17 +162,56 @@ def measure(engine, tok, schema, doc, regex=None) -> dict:
             "apply_us_median": round(statistics.median(apply) * 1e6, 1)}
 
 
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city", "hobbies", "biography"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "city": {"type": "string"}, "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+                         "biography": {"type": "string"}}}
+
+
+def decode_speed(llm, repeats: int, max_new: int) -> dict:
+    """Decode tokens/s of the default model with and without the PERSON schema, alternating runs (the
+    machine's load hits both alike); the constraint hook's own time per token (mask + advance)."""
+    from llamaforge.generate import SamplingConfig, generate
+    ids = llm.chat_ids([{"role": "user", "content": "Describe a fictional person as JSON: name, age, city, hobbies "
+                                                     "and a long biography."}])
+    cfg = SamplingConfig(max_new_tokens=max_new)
+    rates, hook_us, lengths = {"free": [], "json": []}, [], {"free": [], "json": []}
+    for _ in range(repeats):
+        for mode in ("free", "json"):
+            c = llm.constraint(PERSON) if mode == "json" else None
+            if c is not None:  # time the hook itself
+                for name in ("mask", "advance"):
+                    def timed(*a, _f=getattr(c, name), **k):
+                        t0 = time.perf_counter()
+                        out = _f(*a, **k)
+                        hook_us.append((time.perf_counter() - t0) * 1e6)
+                        return out
+                    setattr(c, name, timed)
+            stamps = [time.perf_counter() for _ in generate(llm.model, ids, cfg, llm.tokenizer.stop_ids, llm.decode, c)]
+            lengths[mode].append(len(stamps))
+            rates[mode].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # decode steps only, after the first token
+    per_token = [a + b for a, b in zip(hook_us[::2], hook_us[1::2])]
+    free, constrained = statistics.median(rates["free"]), statistics.median(rates["json"])
+    return {"free_tok_s": round(free, 2), "json_tok_s": round(constrained, 2), "slowdown_pct": round(100 * (1 - constrained / free), 1),
+            "hook_us_median": round(statistics.median(per_token), 1), "hook_us_p90": round(sorted(per_token)[int(0.9 * len(per_token))], 1),
+            "tokens_free": lengths["free"], "tokens_json": lengths["json"], "repeats": repeats}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="walks per grammar (medians over all steps)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "constrain"))
+    ap.add_argument("--decode-repeats", type=int, default=5, help="runs per mode of the decode-speed comparison (0: skip it)")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the decode-speed comparison")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
     import os
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     import llamaforge
-    tok = llamaforge.load().tokenizer
+    llm = llamaforge.load()
+    tok = llm.tokenizer
     vocab = vocabulary_bytes(tok)
     engines = []
     for cls in (LLG, XGR, OC):
@@ -193,9 +232,15 @@ def main():
             ok = [r for r in runs if "error" not in r]
             summary.setdefault(name, {})[ename] = runs[0] if not ok else {
                 k: statistics.median(r[k] for r in ok) for k in ok[0]}
+    speed = None
+    if args.decode_repeats:
+        torch.set_num_threads(args.threads)
+        speed = decode_speed(llm, args.decode_repeats, args.max_new_tokens)
+        print(json.dumps(speed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "engines.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "results": summary}, indent=1))
+    (out / "engines.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "results": summary, "decode": speed,
+                                                  "threads": args.threads}, indent=1))
     lines = ["| grammar | engine | compile s | tokens | mask µs median | p90 | max | apply µs |", "|---|---|---|---|---|---|---|---|"]
     for name, per in summary.items():
         for ename, r in per.items():
@@ -204,6 +249,11 @@ def main():
             else:
                 lines.append(f"| {name} | {ename} | {r['compile_s']:.3f} | {r['tokens']:g} | {r['mask_us_median']:.0f} | "
                              f"{r['mask_us_p90']:.0f} | {r['mask_us_max']:.0f} | {r['apply_us_median']:.0f} |")
+    if speed:
+        lines += ["", f"Decode, default model, {args.threads} threads, medians of {speed['repeats']} alternating runs: "
+                      f"{speed['free_tok_s']} tok/s free, {speed['json_tok_s']} tok/s with a JSON schema "
+                      f"({speed['slowdown_pct']}% slower); constraint hook {speed['hook_us_median']} µs/token "
+                      f"(p90 {speed['hook_us_p90']})."]
     (out / "engines.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
