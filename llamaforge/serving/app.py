@@ -4,8 +4,9 @@ from pathlib import Path
 
 from ..embeddings import Embedder
 from ..errors import LlamaforgeError
-from .api import API, ServeConfig, Stream, _schemas
+from .api import API, ServeConfig, Stream
 from .http import APIError, Guard, listen_socket, sse
+from .schemas import schemas
 
 STATIC = Path(__file__).parent / "static"
 
@@ -44,7 +45,7 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     from starlette.staticfiles import StaticFiles
 
     from .. import __version__
-    S = _schemas()
+    S = schemas()
     ChatRequest, CompletionRequest, EmbeddingRequest = S["ChatRequest"], S["CompletionRequest"], S["EmbeddingRequest"]
     TokenizeRequest, DetokenizeRequest = S["TokenizeRequest"], S["DetokenizeRequest"]
     if embedder == "auto":
