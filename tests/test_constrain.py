@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import needs_default_model
+from test_chat import spm_tok  # noqa: F401 -- its small SentencePiece model, a fixture
 from llamaforge.constrain import compile_grammar, vocabulary_bytes
 from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import SamplingConfig, pick
@@ -24,10 +25,9 @@ TEXTS = ["Hello, world!", "  two  spaces\tand\ttabs\n\nnew lines", "naïve café
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Random 49k-wide logits each step: on a shared 2-core machine, one thread is 10-20x faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = [torch.get_num_threads(), torch.set_num_threads(1)][0]
     yield
-    torch.set_num_threads(n)
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_vocabulary_bytes_byte_level_bpe(smol):
     assert pieces[smol.eos_id] == b"<|im_end|>"
 
 
-def test_vocabulary_bytes_sentencepiece(spm_tok):
+def test_vocabulary_bytes_sentencepiece(spm_tok):  # noqa: F811 -- the fixture imported above
     pieces = vocabulary_bytes(spm_tok)
     assert len(pieces) == spm_tok.vocab_size
     for text in TEXTS:

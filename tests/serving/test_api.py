@@ -32,6 +32,7 @@ from llamaforge.serving.api import ServeConfig
 from llamaforge.generate import TextStream
 from llamaforge.serving.app import create_app
 from llamaforge.serving.http import listen_socket  # noqa: E402
+from llamaforge.tokenizer import bytes_to_unicode  # noqa: E402
 
 from conftest import needs_default_model  # noqa: E402
 
@@ -42,18 +43,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def successor(t: int) -> int:
     return ord(LETTERS[(7 * t + 3) % 26])
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_chain_model(out: Path) -> None:
