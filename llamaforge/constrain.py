@@ -13,12 +13,13 @@ mask allows the end-of-turn tokens, and when it can only end, the sequence stops
 
 The token budget: a model can write a JSON string forever. When the tokens left come near what the
 cheapest completion needs, the constraint closes the document: from there on it forces, token by
-token, a completion found by a deterministic policy (end if the grammar allows it, else the longest
-allowed token made only of `"`, `]` and `}`, else the longest allowed token), simulated on a copy of
-the grammar state, so a JSON output fits max_tokens whenever any closing does (a schema that needs
-more tokens than asked for ends at the limit with finish_reason "length"). Near the limit each
-sampled token is checked by the same simulation and replaced by the closing plan's first if it
-would leave too few tokens to finish.
+token, a completion found by a deterministic policy (end if the grammar allows it; inside a JSON
+string the longest allowed token that ends it, '"' or '"}'...; outside one the longest made only of
+']' and '}'; else the longest allowed token), simulated on a copy of the grammar state, so a JSON
+output fits max_tokens whenever such a closing does (a schema that needs more tokens than asked for
+ends at the limit, finish_reason "length"). Near the limit each sampled token is checked the same
+way and replaced by the closing plan's first if it would leave too few tokens to finish. For regex
+and Lark grammars the policy may find no end (e.g. `[a-z]+@x\.com`): those stop at the limit.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise LlamaforgeError("structured output needs the llguidance package: pip install 'llamaforge[serve]' "
-                              "(or pip install llguidance)") from None
+        raise LlamaforgeError("structured output needs the llguidance package (a llamaforge dependency): "
+                              "pip install llguidance") from None
     return llguidance
 
 

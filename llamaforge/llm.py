@@ -227,7 +227,10 @@ class LLM:
         from .chat import check_tools, parse_tool_calls, tool_call_style, tool_plan, with_ids
         tools = check_tools(tools)
         plan = tool_plan(self._need_tokenizer(), self.chat_format, tools, tool_choice, parallel_tool_calls)
-        constraint = plan.grammar.constraint() if plan.grammar else self.constraint(json_schema, regex, grammar)
+        constraint = self.constraint(json_schema, regex, grammar)
+        if constraint is not None and plan.render:
+            raise LlamaforgeError("tools and a json_schema / regex / grammar exclude each other: pass tool_choice='none' to use it")
+        constraint = plan.grammar.constraint() if plan.grammar else constraint
         ids = self.chat_ids(messages, tools if plan.render else None)
         text = "".join(self.stream_ids(ids, constraint, **sampling))
         content, calls = parse_tool_calls(text, tool_call_style(self.chat_format), plan.names) if plan.parse else (text, [])

@@ -204,6 +204,8 @@ def test_native_tool_template_and_python_api(model_dir):
     out = llm.generate("x", json_schema=Person, max_new_tokens=300)
     Person.model_validate_json(out)
     assert llm.chat(ASK, json_schema={"enum": ["up", "down"]}, max_new_tokens=10) in ('"up"', '"down"')
+    with pytest.raises(llamaforge.LlamaforgeError, match="exclude each other"):
+        llm.chat(ASK, tools=[WEATHER], json_schema={"type": "object"})
 
 
 # ---- n, logit_bias, min_p ----
