@@ -19,7 +19,7 @@ string the longest allowed token that ends it, '"' or '"}'...; outside one the l
 output fits max_tokens whenever such a closing does (a schema that needs more tokens than asked for
 ends at the limit, finish_reason "length"). Near the limit each sampled token is checked the same
 way and replaced by the closing plan's first if it would leave too few tokens to finish. For regex
-and Lark grammars the policy may find no end (e.g. `[a-z]+@x\.com`): those stop at the limit.
+and Lark grammars the policy may find no end (e.g. `[a-z]+@x[.]com`): those stop at the limit.
 """
 from __future__ import annotations
 
