@@ -157,6 +157,12 @@ def test_tool_calls_stream_as_the_openai_client_assembles_them(server, client):
     calls = final.choices[0].message.tool_calls
     assert final.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["get_time"]
     check_calls(calls)
+    msgs = ASK + [final.choices[0].message.model_dump(exclude_none=True, exclude={"parsed"}),
+                  {"role": "tool", "tool_call_id": calls[0].id, "content": "12:00"}]
+    chunks = [c.choices[0] for c in client.chat.completions.create(model="chain", messages=msgs, tools=[WEATHER, TIME], max_tokens=5,
+                                                                   stream=True) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) and not any(c.delta.tool_calls for c in chunks)
+    assert chunks[-1].finish_reason == "length"
     with httpx_stream(server, {"messages": ASK, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 200,
                                "parallel_tool_calls": False, "stream": True}) as events:
         deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
