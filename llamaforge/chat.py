@@ -17,7 +17,9 @@ including its end-of-turn token (the model must learn to stop), False elsewhere.
 """
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from datetime import datetime
 
 from .errors import LlamaforgeError
@@ -49,6 +51,7 @@ def _need_specials(tok: Tokenizer, fmt: str, names: tuple[str, ...]) -> dict[str
 
 class ChatFormat:
     name = "?"
+    accepts_tools = False  # the template renders a `tools` list itself (Llama 3.1, Hermes, Qwen templates)
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
@@ -57,8 +60,10 @@ class ChatFormat:
         """-> (ids, mask) where mask[i] is True for tokens the assistant wrote (content + end of turn)."""
         raise NotImplementedError
 
-    def encode_prompt(self, messages: Messages) -> list[int]:
-        return self.encode(messages, add_generation_prompt=True)[0]
+    def encode_prompt(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
+        if tools and not self.accepts_tools:
+            raise LlamaforgeError(f"chat format {self.name} does not render tools: use chat.tool_chat's built-in format")
+        return self.encode(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))[0]
 
 
 class JinjaChat(ChatFormat):
@@ -89,6 +94,8 @@ class JinjaChat(ChatFormat):
                 raise LlamaforgeError(f"the model's chat template uses {{% {reads[type(other)]} %}}, which would read other "
                                       f"template files; llamaforge renders self-contained templates only: {fix}")
             self.template = env.from_string(tree)
+            from jinja2 import meta
+            self.accepts_tools = "tools" in meta.find_undeclared_variables(tree)
         except LlamaforgeError:
             raise
         except Exception as e:  # noqa: BLE001 - TemplateSyntaxError, or RecursionError/MemoryError from a pathological one
@@ -96,16 +103,19 @@ class JinjaChat(ChatFormat):
             raise LlamaforgeError(f"the model's chat template does not parse ({type(e).__name__}: {msg}); {fix}") from None
         self.source = template
 
-    def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        """The template's text with each content as a marker (see `_MARK`)."""
+    def render(self, messages: Messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The template's text with each content as a marker (see `_MARK`); `tools` go to templates that take them."""
         _check(messages)
-        marked = [dict(m, content=f"{self._PAD}\ue000{i}\ue001{self._PAD}") for i, m in enumerate(messages)]
+        # an empty content beside tool calls stays empty: templates test it (`if message.content`)
+        marked = [dict(m, content=f"{self._PAD}\ue000{i}\ue001{self._PAD}" if m["content"] or not m.get("tool_calls") else "")
+                  for i, m in enumerate(messages)]
+        extra = {"tools": tools} if tools else {}
         tok = self.tok
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
         try:
             return render_bounded(self.template, messages=marked, add_generation_prompt=add_generation_prompt,
-                                   bos_token=bos, eos_token=eos)
+                                   bos_token=bos, eos_token=eos, **extra)
         except LlamaforgeError:  # the template's own raise_exception
             raise
         except TemplateLimit as e:
@@ -114,8 +124,8 @@ class JinjaChat(ChatFormat):
             msg = " ".join(str(e).split())[:200]
             raise LlamaforgeError(f"the chat template failed on these messages ({type(e).__name__}: {msg})") from None
 
-    def encode(self, messages, add_generation_prompt=True):
-        text = self.render(messages, add_generation_prompt)
+    def encode(self, messages, add_generation_prompt=True, tools=None):
+        text = self.render(messages, add_generation_prompt, tools)
         # Pieces of the final text: (str, special id or None, message index or None for template text).
         pieces, pos = [], 0
         for m in self._MARK.finditer(text):
@@ -274,3 +284,245 @@ def chat_format_for(tokenizer: Tokenizer, template: str | None = None, name: str
         _need_specials(tokenizer, "chatml", ("<|im_start|>", "<|im_end|>"))
         return JinjaChat(tokenizer, CHATML_TEMPLATE)
     raise LlamaforgeError("cannot tell this model's chat format: pass --chat-format chatml|llama2|llama3")
+
+
+# ---- tools (function calling) ----
+# A template that takes `tools` renders them itself (Llama 3.1, Hermes, Qwen); otherwise the built-in
+# format (Hermes/Qwen2.5's, which many small models have seen): a system block listing the functions
+# as JSON inside <tools></tools>, calls written as <tool_call>{"name", "arguments"}</tool_call>, and
+# results given back as a user turn of <tool_response></tool_response> blocks.
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOLS_PROMPT = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def check_tools(tools) -> list[dict]:
+    """OpenAI's `tools` ([{"type": "function", "function": {"name", "description", "parameters"}}]),
+    checked, with a missing `parameters` made an empty object schema."""
+    if not isinstance(tools, list) or not tools:
+        raise LlamaforgeError("tools must be a non-empty list of {'type': 'function', 'function': {...}} objects")
+    out, names = [], set()
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise LlamaforgeError(f"bad tool {t!r:.80}: each is {{'type': 'function', 'function': {{'name': 'a_z-09 (1-64)', ...}}}}")
+        if name in names:
+            raise LlamaforgeError(f"two tools are named {name!r}: tool names must be unique")
+        names.add(name)
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        elif not isinstance(params, dict):
+            raise LlamaforgeError(f"tool {name!r}: parameters must be a JSON Schema object")
+        out.append({"type": "function", "function": {**fn, "parameters": params}})
+    return out
+
+
+def tool_call_style(fmt: ChatFormat) -> str:
+    """How the model writes calls: 'tagged' (<tool_call>{"name", "arguments"}</tool_call>: the built-in
+    format, Hermes, Qwen) or 'json' (a bare {"name", "parameters"} object: Llama 3.1's template)."""
+    return "json" if fmt.accepts_tools and CALL_OPEN not in getattr(fmt, "source", "") else "tagged"
+
+
+def _arguments(call: dict):
+    args = call.get("function", {}).get("arguments", "{}")
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        return args
+
+
+def tool_chat(fmt: ChatFormat, messages: Messages, tools: list[dict] | None) -> tuple[Messages, list[dict] | None]:
+    """OpenAI messages (assistant `tool_calls`, `tool` results) and tools -> (messages, tools) for `fmt`:
+    a template that takes tools gets them and the calls as data (arguments parsed, as HF templates
+    expect); any other gets the built-in format as plain text."""
+    names = {c.get("id"): c.get("function", {}).get("name") for m in messages for c in m.get("tool_calls") or []}
+    if fmt.accepts_tools:
+        out = []
+        for m in messages:
+            m = dict(m, content=m.get("content") or "")
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c)}} for c in m["tool_calls"]]
+            if m["role"] == "tool" and "name" not in m and m.get("tool_call_id") in names:
+                m["name"] = names[m["tool_call_id"]]
+            out.append(m)
+        return out, tools or None
+    out = []
+    for m in messages:
+        content = m.get("content") or ""
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [f"{CALL_OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': _arguments(c)}, ensure_ascii=False)}\n{CALL_CLOSE}"
+                     for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(([content] if content else []) + calls)})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool": True})
+        else:
+            out.append({"role": m["role"], "content": content})
+    out = [{"role": m["role"], "content": m["content"]} for m in out]
+    if tools:
+        block = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + block}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out, None
+
+
+def parse_tool_calls(text: str, style: str, names) -> tuple[str | None, list[dict]]:
+    """The model's whole answer -> (content or None, calls as {"name", "arguments": JSON string})."""
+    ts = ToolCallStream(style, names)
+    content, calls = ts.feed(text)
+    more, late = ts.finish()
+    return (content + more).strip() or None, calls + late
+
+
+class ToolCallStream:
+    """Splits an answer, piece by piece, into content and tool calls as soon as each is certain:
+    `feed(piece)` and `finish()` return (content text, calls). Tagged style: text before and between
+    <tool_call> blocks is content (a possible start of a tag is held back); each block whose JSON names
+    a known function is a call, others stay content; an unclosed block at the end counts if it parses.
+    JSON style: an answer that starts with '{' or '[' (or <|python_tag|>) is held to the end and is
+    calls if it parses as them. Whitespace-only content is held until more text follows it."""
+
+    def __init__(self, style: str, names):
+        self.style, self.names = style, set(names)
+        self.buf, self.in_call, self.space, self.started = "", False, "", False
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        self.buf += piece
+        if self.style == "json":
+            head = self.buf.lstrip()
+            if not self.started and head:
+                self.started = True
+                self.in_call = head.startswith(("{", "[", "<|python_tag|>"))
+            if self.in_call or not head:
+                return "", []
+            out, self.buf = self.buf, ""
+            return self._content(out), []
+        text, calls = "", []
+        while True:
+            if not self.in_call:
+                i = self.buf.find(CALL_OPEN)
+                if i < 0:
+                    keep = next((k for k in range(min(len(CALL_OPEN) - 1, len(self.buf)), 0, -1)
+                                 if CALL_OPEN.startswith(self.buf[-k:])), 0)
+                    text += self._content(self.buf[:len(self.buf) - keep])
+                    self.buf = self.buf[len(self.buf) - keep:]
+                    return text, calls
+                text += self._content(self.buf[:i])
+                self.buf, self.in_call = self.buf[i:], True
+            j = self.buf.find(CALL_CLOSE)
+            if j < 0:
+                return text, calls
+            block, self.buf, self.in_call = self.buf[:j + len(CALL_CLOSE)], self.buf[j + len(CALL_CLOSE):], False
+            call = _call(block[len(CALL_OPEN):-len(CALL_CLOSE)].strip(), self.names)
+            if call is None:
+                text += self._content(block)
+            else:
+                calls.append(call)
+                self.space = ""  # the whitespace between calls is layout, not content
+
+    def finish(self) -> tuple[str, list[dict]]:
+        rest, self.buf = self.buf, ""
+        if self.in_call:
+            body = rest.strip()
+            if self.style == "json":
+                body = body.removeprefix("<|python_tag|>").strip()
+                try:
+                    found = json.loads(body)
+                except ValueError:
+                    found = None
+                calls = [_call(o, self.names) for o in (found if isinstance(found, list) else [found])]
+                if calls and all(calls):
+                    return "", calls
+            else:
+                call = _call(body[len(CALL_OPEN):].strip(), self.names)
+                if call is not None:
+                    return "", [call]
+        return self._content(rest), []
+
+    def _content(self, text: str) -> str:
+        """Content, with whitespace-only runs held until something else follows them."""
+        if not text:
+            return ""
+        if not text.strip():
+            self.space += text
+            return ""
+        text, self.space = self.space + text, ""
+        return text
+
+
+def _call(obj, names) -> dict | None:
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except ValueError:
+            return None
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}
+
+
+def tool_call_grammar(tools: list[dict], style: str, name: str | None = None, parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's, with %json schemas) whose sentences are calls to `tools` (only
+    `name` when given) in `style`: one call, or with `parallel` one or more separated by newlines."""
+    from .constrain import JSON_OPTIONS
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    key = "arguments" if style == "tagged" else "parameters"
+    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+                         "required": ["name", key], "additionalProperties": False} for f in chosen],
+              "x-guidance": JSON_OPTIONS}
+    if style == "json":
+        return f"start: %json {json.dumps(schema)}\n"
+    more = ' ("\\n" call)*' if parallel and name is None else ""
+    return f'start: call{more}\ncall: "{CALL_OPEN}\\n" %json {json.dumps(schema)} "\\n{CALL_CLOSE}"\n'
+
+
+@dataclass
+class ToolPlan:
+    """What a tool_choice means for one request: render the tools? parse calls from the answer
+    (`names`: the callable functions)? constrain it (`grammar`: calls only, for required / a name)?"""
+    render: bool
+    parse: bool
+    names: set
+    grammar: object = None  # constrain.Grammar
+
+
+def tool_plan(tok, fmt, tools: list[dict], choice="auto", parallel: bool = True) -> ToolPlan:
+    """tool_choice: "auto", "none", "required", a function name, or OpenAI's {"type": "function",
+    "function": {"name"}}; an unknown name raises LlamaforgeError."""
+    names = {t["function"]["name"] for t in tools}
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if choice is None:
+            raise LlamaforgeError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    if choice == "none":
+        return ToolPlan(False, False, names)
+    if choice == "auto":
+        return ToolPlan(True, True, names)
+    if choice != "required" and choice not in names:
+        raise LlamaforgeError(f"tool_choice names {choice!r}, which is not among the tools ({', '.join(sorted(names))})")
+    from .constrain import Grammar, grammar_source
+    lark = tool_call_grammar(tools, tool_call_style(fmt), None if choice == "required" else choice, parallel)
+    return ToolPlan(True, True, names, Grammar(tok, grammar_source(lark=lark), "tools' parameter schemas"))
+
+
+def with_ids(calls: list[dict]) -> list[dict]:
+    """Parsed calls ({"name", "arguments"}) -> OpenAI's tool_calls, each with a fresh id."""
+    import secrets
+    return [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": c} for c in calls]

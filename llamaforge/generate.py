@@ -8,6 +8,7 @@ forward, then each step feeds one token at `input_pos`.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,21 +26,40 @@ class SamplingConfig:
     temperature: float = 0.0
     top_k: int = 0  # 0: off
     top_p: float = 0.9  # 1.0: off
+    min_p: float = 0.0  # 0: off; drop tokens below min_p x the top token's probability (llama.cpp, HF)
     repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as HF/llama.cpp `repeat_penalty`)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's, -100..100)
 
     def __post_init__(self):
+        self.logit_bias = parse_logit_bias(self.logit_bias)
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in -100..100"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise LlamaforgeError(f"invalid sampling value: {msg}")
+
+
+def parse_logit_bias(bias) -> dict[int, float]:
+    """{id: bias} from a dict (JSON's string keys too) or a CLI string: JSON, or "ID:BIAS,ID:BIAS"."""
+    if isinstance(bias, str):
+        text = bias.strip()
+        try:
+            bias = json.loads(text) if text.startswith("{") else dict(p.split(":") for p in text.split(",") if p.strip())
+        except ValueError:
+            raise LlamaforgeError(f"invalid logit_bias {text!r:.60}: write a JSON object or ID:BIAS,ID:BIAS") from None
+    try:
+        return {int(k): float(v) for k, v in (bias or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise LlamaforgeError(f"invalid logit_bias {bias!r:.60}: map token ids to numbers") from None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -50,8 +70,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, picked.clamp(-big, big))
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(B, vocab) logits -> (B, vocab) probabilities after temperature, top-k and nucleus filtering.
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Add bias[id] to column id of (B, vocab) logits (ids outside the vocabulary are an error)."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    if int(ids.max()) >= logits.size(-1) or int(ids.min()) < 0:
+        raise LlamaforgeError(f"logit_bias names token ids outside 0..{logits.size(-1) - 1}")
+    vals = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, vals.expand(logits.size(0), -1))
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> torch.Tensor:
+    """(B, vocab) logits -> (B, vocab) probabilities after temperature, top-k, nucleus and min-p filtering.
     Numerically safe for any logits: NaN counts as -inf, +-inf as the largest finite float, so every row
     keeps at least one finite logit and sums to 1 (torch.multinomial rejects inf and NaN)."""
     big = torch.finfo(torch.float32).max
@@ -66,6 +96,9 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, to
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
@@ -73,8 +106,23 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """(B, vocab) logits -> (B,) token ids."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+         seen: torch.Tensor | None = None, constraint=None, remaining: int | None = None) -> int:
+    """One sequence's next token from its (1, vocab) logits: repetition penalty over `seen` (1, n),
+    logit_bias, the constraint's mask (constrain.Constraint: a grammar, `remaining` tokens of budget
+    left), then `sample`; the constraint then moves past the token, and may replace it to end in time."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.logit_bias:
+        logits = apply_logit_bias(logits, cfg.logit_bias)
+    if constraint is not None:
+        logits = constraint.mask(logits, remaining)
+    token = int(sample(logits, cfg, generator))
+    return token if constraint is None else constraint.advance(token, remaining)
 
 
 def prefill(model, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -193,9 +241,10 @@ def cache_length(needed: int, limit: int) -> int:
 
 @torch.no_grad()
 def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] = frozenset(),
-             decode=decode_step) -> Iterator[int]:
-    """Yield new token ids one by one until a stop id, max_new_tokens or the context window ends.
-    `decode(model, token, input_pos)` runs one step: `decode_step`, `TracedDecode()` or a compiled step."""
+             decode=decode_step, constraint=None) -> Iterator[int]:
+    """Yield new token ids one by one until a stop id, max_new_tokens, the context window or the
+    constraint's grammar (constrain.Constraint) ends. `decode(model, token, input_pos)` runs one step:
+    `decode_step`, `TracedDecode()` or a compiled step."""
     ctx = model.config.max_seq_len
     T = len(prompt)
     if T == 0:
@@ -211,12 +260,10 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] =
     seen = torch.tensor([prompt], device=device)
     logits = prefill(model, seen, torch.arange(T, device=device))
     for i in range(n_new):
-        if cfg.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        tok = sample(logits, cfg, gen)
-        t = int(tok)
+        t = pick(logits, cfg, gen, seen, constraint, n_new - i)
         yield t
-        if t in stop_ids or i == n_new - 1:
+        if t in stop_ids or i == n_new - 1 or (constraint is not None and constraint.done):
             return
+        tok = torch.tensor([t], device=device)
         seen = torch.cat([seen, tok.view(1, 1)], dim=1)
         logits = decode(model, tok.view(1, 1), torch.tensor([T + i], device=device))

@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig
 from .errors import LlamaforgeError
 from .gguf import dequantize, map_name, rope_freq_factors
+from .tokenizer import bytes_to_unicode
 from .weights import expected_shapes
 
 _QTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -215,19 +216,6 @@ def _bpe_vocab(tok, specials: dict[str, int]) -> dict:
             "unk": vocab.get(model.get("unk_token")) if model.get("unk_token") else None}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (openai/gpt-2 encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _tiktoken_vocab(tokenizer) -> dict:
     """tiktoken ranks -> byte-level tokens and merges: transformers' TikTokenConverter, which lists
     every split of a token into two tokens of lower rank, ordered by (rank, left rank, right rank)."""
@@ -236,7 +224,7 @@ def _tiktoken_vocab(tokenizer) -> dict:
         if line.strip():
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     text = lambda b: "".join(b2u[c] for c in b)  # noqa: E731
     merges = []
     for token, rank in ranks.items():

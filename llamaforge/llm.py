@@ -176,12 +176,23 @@ class LLM:
                 tops += [[]] * lp.size(0)
         return lps, tops
 
-    def stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
-        """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings."""
+    def constraint(self, json_schema=None, regex: str | None = None, grammar: str | None = None):
+        """A constrain.Constraint for one generation: a JSON Schema (dict, JSON text or pydantic model
+        class; True for any JSON object), a regex, or a Lark / GBNF grammar; None when none is given."""
+        if json_schema is None and regex is None and grammar is None:
+            return None
+        from .constrain import compile_grammar
+        spec = {"json_object": True} if json_schema is True else {"json_schema": json_schema} if json_schema is not None else \
+            {"regex": regex} if regex is not None else {"lark": grammar}
+        return compile_grammar(self._need_tokenizer(), **spec).constraint()
+
+    def stream_ids(self, ids: list[int], constraint=None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings (and where
+        `constraint`'s grammar ends)."""
         tok = self._need_tokenizer()
         cfg = sampling_config(**sampling)
         text = TextStream(tok, cfg.stop)
-        for t in generate(self.model, ids, cfg, tok.stop_ids, self.decode):
+        for t in generate(self.model, ids, cfg, tok.stop_ids, self.decode, constraint):
             if t in tok.stop_ids:
                 break
             piece = text.push(t)
@@ -193,23 +204,51 @@ class LLM:
         if piece:
             yield piece
 
-    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], json_schema=None, regex: str | None = None, grammar: str | None = None,
+               **sampling) -> Iterator[str]:
         ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.stream_ids(ids, **sampling)
+        return self.stream_ids(ids, self.constraint(json_schema, regex, grammar), **sampling)
 
-    def generate(self, prompt: str | list[int], **sampling) -> str:
-        return "".join(self.stream(prompt, **sampling))
+    def generate(self, prompt: str | list[int], json_schema=None, regex: str | None = None, grammar: str | None = None,
+                 **sampling) -> str:
+        """The completion of `prompt`; with json_schema / regex / grammar, text of that language (constrain.py)."""
+        return "".join(self.stream(prompt, json_schema, regex, grammar, **sampling))
 
     chat_format_error: str | None = None  # why the model's own chat format could not be used
 
-    def chat_ids(self, messages: Messages) -> list[int]:
+    def chat_ids(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
+        """The prompt for `messages` (OpenAI-shaped: assistant `tool_calls` and `tool` results too), with
+        `tools` rendered by the model's template when it takes them, else in chat.py's built-in format."""
         if self.chat_format is None:
             raise LlamaforgeError(self.chat_format_error or "this model has no chat format: pass chat_format='chatml'|'llama2'|'llama3'")
-        return self.chat_format.encode_prompt(messages)
+        if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages if isinstance(m, dict)):
+            from .chat import tool_chat
+            messages, tools = tool_chat(self.chat_format, messages, tools)
+        return self.chat_format.encode_prompt(messages, tools)
 
-    def chat(self, messages: Messages, stream: bool = False, **sampling):
-        it = self.stream_ids(self.chat_ids(messages), **sampling)
-        return it if stream else "".join(it)
+    def chat(self, messages: Messages, stream: bool = False, tools: list[dict] | None = None, tool_choice="auto",
+             parallel_tool_calls: bool = True, json_schema=None, regex: str | None = None, grammar: str | None = None,
+             **sampling):
+        """The assistant's answer as text (or a stream of pieces). With `tools` (OpenAI's list), a message
+        dict instead: {"role": "assistant", "content": str | None, "tool_calls": [{"id", "type": "function",
+        "function": {"name", "arguments": JSON string}}]}, ready to append to `messages`; tool_choice is
+        "auto" (the model decides), "none", "required" or a function name, the last two constrained."""
+        if not tools:
+            it = self.stream_ids(self.chat_ids(messages), self.constraint(json_schema, regex, grammar), **sampling)
+            return it if stream else "".join(it)
+        if stream:
+            raise LlamaforgeError("chat with tools returns one message: call it with stream=False")
+        from .chat import check_tools, parse_tool_calls, tool_call_style, tool_plan, with_ids
+        tools = check_tools(tools)
+        plan = tool_plan(self._need_tokenizer(), self.chat_format, tools, tool_choice, parallel_tool_calls)
+        constraint = self.constraint(json_schema, regex, grammar)
+        if constraint is not None and plan.render:
+            raise LlamaforgeError("tools and a json_schema / regex / grammar exclude each other: pass tool_choice='none' to use it")
+        constraint = plan.grammar.constraint() if plan.grammar else constraint
+        ids = self.chat_ids(messages, tools if plan.render else None)
+        text = "".join(self.stream_ids(ids, constraint, **sampling))
+        content, calls = parse_tool_calls(text, tool_call_style(self.chat_format), plan.names) if plan.parse else (text, [])
+        return {"role": "assistant", "content": content, "tool_calls": with_ids(calls[:None if parallel_tool_calls else 1])}
 
 
 def sampling_config(**kw) -> SamplingConfig:

@@ -43,6 +43,19 @@ N_LLAMA3_SPECIALS = 256
 Offsets = list[tuple[int, int, int]]  # (token id, start char, end char) over the encoded text
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map of byte-level BPE vocabularies (openai/gpt-2 encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def _byte_to_char(text: str) -> list[int]:
     """Table: UTF-8 byte offset -> index of the character holding it (len(text) at the end)."""
     table = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import random
 from pathlib import Path
 
@@ -287,3 +288,133 @@ def test_bad_messages_and_templates_raise(smol, smol_chat):
         chat_format_for(smol, name="vicuna")
     with pytest.raises(LlamaforgeError):
         chat_format_for(smol, name="template")
+
+
+# ---- tools ----
+
+# A ChatML template that takes `tools`, modeled on Qwen2.5-Instruct's (tools in a system block,
+# calls in <tool_call> tags, results as a user turn of <tool_response> blocks).
+QWEN_STYLE_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object within <tool_call></tool_call> XML tags.<|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Llama 3.1's convention: tools listed in the prompt, a call is a bare {"name", "parameters"} object
+LLAMA31_STYLE_TEMPLATE = ("{%- for message in messages %}{{- message.role + ': ' + message.content + '\\n' }}{%- endfor %}"
+                          "{%- if tools %}{%- for t in tools %}{{- t | tojson + '\\n' }}{%- endfor %}{%- endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+             "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CHAT = [msg(S, "Be brief."), msg(U, "Weather in Paris, and 2+3?"),
+             {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2", "function": {
+                 "name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+             {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
+             {"role": "tool", "tool_call_id": "call_2", "content": "5"}]
+
+
+def test_native_tools_template_matches_transformers(smol, smol_hf):
+    from llamaforge.chat import tool_chat, tool_call_style
+    chat = JinjaChat(smol, QWEN_STYLE_TEMPLATE)
+    assert chat.accepts_tools and tool_call_style(chat) == "tagged"
+    msgs, tools = tool_chat(chat, TOOL_CHAT, TOOLS)
+    ids = chat.encode_prompt(msgs, tools)
+    hf_msgs = [dict(m, content=m["content"] or "") for m in TOOL_CHAT]  # transformers takes arguments as dicts
+    hf_msgs[2] = dict(hf_msgs[2], tool_calls=[{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                              for c in hf_msgs[2]["tool_calls"]])
+    out = smol_hf.apply_chat_template(hf_msgs, tools=TOOLS, chat_template=QWEN_STYLE_TEMPLATE, add_generation_prompt=True, tokenize=True)
+    assert ids == list(out["input_ids"] if hasattr(out, "keys") else out)
+    text = smol.decode(ids)
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
+    assert "<tool_response>\n5\n</tool_response>" in text and json.dumps(TOOLS[1]) in text
+
+
+def test_builtin_tool_format(smol_chat, spm_tok):
+    from llamaforge.chat import tool_chat, tool_call_style
+    assert not smol_chat.accepts_tools and tool_call_style(smol_chat) == "tagged"
+    msgs, tools = tool_chat(smol_chat, TOOL_CHAT, TOOLS)
+    assert tools is None and [m["role"] for m in msgs] == [S, U, A, U]
+    assert msgs[0]["content"].startswith("Be brief.\n\n# Tools") and json.dumps(TOOLS[0]) in msgs[0]["content"]
+    assert msgs[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                                  '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>')
+    assert msgs[3]["content"] == '<tool_response>\n{"sky": "clear"}\n</tool_response>\n<tool_response>\n5\n</tool_response>'
+    assert smol_chat.encode_prompt(msgs)  # plain messages: any format takes them
+    llama2 = Llama2Chat(spm_tok)  # strict user/assistant turns: the converted chat keeps them
+    assert llama2.encode_prompt(tool_chat(llama2, TOOL_CHAT[1:], None)[0])
+    with pytest.raises(LlamaforgeError, match="does not render tools"):
+        smol_chat.encode_prompt(msgs, TOOLS)
+
+
+def test_tool_call_parsing_streamed_or_whole():
+    from llamaforge.chat import JinjaChat as J, ToolCallStream, parse_tool_calls, tool_call_style
+    names = {"get_weather", "add"}
+    tagged = [
+        ("Hello there", "Hello there", []),
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', None, [("add", '{"a": 1, "b": 2}')]),
+        ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>\n'
+         '{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', "Let me check.",
+         [("get_weather", '{"city": "Oslo"}'), ("add", '{"a": 1, "b": 2}')]),
+        ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}', None, [("add", '{"a": 1, "b": 2}')]),  # unclosed at the end
+        ("a < b <tool_c", "a < b <tool_c", []),
+    ]
+    for text, content, calls in tagged:
+        got = parse_tool_calls(text, "tagged", names)
+        assert (got[0], [(c["name"], c["arguments"]) for c in got[1]]) == (content, calls), text
+        ts = ToolCallStream("tagged", names)  # one character at a time: the same split
+        pieces = [ts.feed(ch) for ch in text] + [ts.finish()]
+        assert ("".join(p[0] for p in pieces).strip() or None, [c for p in pieces for c in p[1]]) == got, text
+    for text, ncalls in (('{"name": "add", "parameters": {"a": 1, "b": 2}}', 1), ('<|python_tag|>{"name": "add", "parameters": {}}', 1),
+                         ('[{"name": "add", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "x"}}]', 2),
+                         ("plain {text}", 0), ('{"unrelated": 1}', 0)):
+        content, calls = parse_tool_calls(text, "json", names)
+        assert len(calls) == ncalls and (content is None) == bool(ncalls), text
+    assert tool_call_style(J(smol_like(), LLAMA31_STYLE_TEMPLATE)) == "json"
+
+
+def smol_like():
+    from llamaforge.tokenizer import HFTokenizer
+    from tokenizers import Tokenizer, models
+    return HFTokenizer(Tokenizer(models.BPE(vocab={"a": 0}, merges=[])), {})
+
+
+def test_tool_plan_and_grammar(smol, smol_chat):
+    from llamaforge.chat import check_tools, tool_call_grammar, tool_plan
+    from llamaforge.constrain import compile_grammar
+    tools = check_tools(TOOLS)
+    assert tool_plan(smol, smol_chat, tools, "none").render is False
+    assert tool_plan(smol, smol_chat, tools, "auto").grammar is None
+    for choice, ok in (("required", ['get_weather', 'add']), ("add", ["add"]), ({"type": "function", "function": {"name": "add"}}, ["add"])):
+        plan = tool_plan(smol, smol_chat, tools, choice)
+        c = plan.grammar.constraint()
+        text = c._simulate(c.m)
+        call = parse_tool_calls_for(smol.decode(text[:-1]))
+        assert call and call[0]["name"] in ok
+    with pytest.raises(LlamaforgeError, match="not among the tools"):
+        tool_plan(smol, smol_chat, tools, "nope")
+    for bad in ([], [{"type": "function", "function": {"name": "a b"}}], [TOOLS[0], TOOLS[0]], "x"):
+        with pytest.raises(LlamaforgeError):
+            check_tools(bad)
+    assert check_tools([{"type": "function", "function": {"name": "f"}}])[0]["function"]["parameters"]["type"] == "object"
+    lark = tool_call_grammar(tools, "json", "add")
+    compile_grammar(smol, lark=lark)  # Llama 3.1's bare-object style compiles too
+
+
+def parse_tool_calls_for(text):
+    from llamaforge.chat import parse_tool_calls
+    return parse_tool_calls(text, "tagged", {"get_weather", "add"})[1]

@@ -104,3 +104,20 @@ def test_traced_decode_stops_tracing_at_the_process_limit(tiny_config, monkeypat
     traced = TracedDecode()
     assert list(generate(model, [1, 2, 3], cfg, decode=traced)) == want
     assert "traces made" in traced.failed and not traced._fns
+
+
+def test_min_p_and_logit_bias():
+    from llamaforge.generate import apply_logit_bias, parse_logit_bias, pick
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]])
+    p = logits_to_probs(logits, temperature=1.0, min_p=0.2)  # p1/p0 = e^-1 = 0.37 stays, p2/p0 = e^-3 = 0.05 goes
+    assert p[0, 0] > 0 and p[0, 1] > 0 and (p[0, 2:] == 0).all() and torch.allclose(p.sum(), torch.tensor(1.0))
+    assert torch.equal(apply_logit_bias(logits, {3: 100.0, 0: -5.0}), torch.tensor([[-2.0, 2.0, 0.0, 99.0]]))
+    assert pick(logits, SamplingConfig(logit_bias={3: 100})) == 3  # greedy follows the bias too
+    assert pick(logits, SamplingConfig(logit_bias={0: -100}, temperature=1.0, seed=0), torch.Generator().manual_seed(0)) != 0
+    assert parse_logit_bias('{"5": -100, "7": 2.5}') == parse_logit_bias("5:-100, 7:2.5") == {5: -100.0, 7: 2.5}
+    assert SamplingConfig(logit_bias={"5": "1"}).logit_bias == {5: 1.0}
+    for bad in ({"min_p": 1.0}, {"min_p": -0.1}, {"logit_bias": {1: 101}}, {"logit_bias": "x:y"}, {"logit_bias": [1, 2]}):
+        with pytest.raises(LlamaforgeError, match="min_p|logit_bias"):
+            SamplingConfig(**bad)
+    with pytest.raises(LlamaforgeError, match="outside"):
+        apply_logit_bias(logits, {9: 1.0})

@@ -20,7 +20,9 @@ SAMPLING_HELP = {
     "temperature": "sampling temperature; 0 is greedy",
     "top_k": "keep the k most likely tokens (0: off)",
     "top_p": "nucleus sampling mass (1.0: off)",
+    "min_p": "drop tokens below min_p x the most likely one's probability (0: off)",
     "repetition_penalty": "penalize tokens already seen (1.0: off)",
+    "logit_bias": "add to token logits: 'ID:BIAS,ID:BIAS' or a JSON object (-100 bans a token)",
     "seed": "random seed for reproducible sampling",
     "stop": "stop when this string appears (repeatable)",
 }

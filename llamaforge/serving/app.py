@@ -4,8 +4,9 @@ from pathlib import Path
 
 from ..embeddings import Embedder
 from ..errors import LlamaforgeError
-from .api import API, ServeConfig, Stream, _schemas
+from .api import API, ServeConfig, Stream
 from .http import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, APIError, Guard, http_protocol, listen_socket, sse
+from .schemas import schemas
 
 STATIC = Path(__file__).parent / "static"
 
@@ -52,8 +53,9 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     from starlette.staticfiles import StaticFiles
 
     from .. import __version__
-    S = _schemas()
+    S = schemas()
     ChatRequest, CompletionRequest, EmbeddingRequest = S["ChatRequest"], S["CompletionRequest"], S["EmbeddingRequest"]
+    TokenizeRequest, DetokenizeRequest = S["TokenizeRequest"], S["DetokenizeRequest"]
     if embedder == "auto":
         embedder = Embedder.find() if cfg.embeddings else None
     api = API(llm, cfg, name, embedder)
@@ -122,6 +124,14 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         return JSONResponse(await api.embeddings(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return JSONResponse(await api.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(api.detokenize(body))
 
     @app.get("/health")
     async def health():

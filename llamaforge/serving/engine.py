@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import LlamaforgeError
-from ..generate import SamplingConfig, apply_repetition_penalty, sample
+from ..generate import SamplingConfig, pick
 
 PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward
 
@@ -48,15 +48,17 @@ class Sequence:
 
     The engine calls `on_step(Step)` for each token and `on_step(None)` once at the end, from its
     own thread; without `on_step`, iterate the sequence to receive the steps (blocking).
-    `finish_reason`: "stop" (a stop id), "length", "cancelled" / any reason given to `cancel`,
-    "timeout" or "error" (then `error` holds the exception).
+    `finish_reason`: "stop" (a stop id, or the constraint's grammar is complete), "length",
+    "cancelled" / any reason given to `cancel`, "timeout" or "error" (then `error` holds the exception).
+    `constraint`: a constrain.Constraint (a grammar) that masks this sequence's tokens.
     """
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], sampling: SamplingConfig | None = None, stop_ids=frozenset(),
                  logprobs: int | None = None, timeout: float | None = None,
-                 on_step: Callable[[Step | None], None] | None = None):
+                 on_step: Callable[[Step | None], None] | None = None, constraint=None):
         self.id = next(self._ids)
+        self.constraint = constraint
         self.prompt = [int(t) for t in prompt]
         self.sampling = sampling or SamplingConfig()
         self.stop_ids = frozenset(stop_ids)
@@ -261,26 +263,38 @@ class Engine:
 
         Prompts are left-padded to one length T. Row b's pad columns take positions len_b..T-1: they
         write junk into cache slots that no query of this call can see (causal mask) and that decoding
-        overwrites before reading, so the last column is every row's last prompt token."""
-        k, n = len(group), len(self.active)
+        overwrites before reading, so the last column is every row's last prompt token. Sequences with
+        the same prompt as an earlier one (a request's `n` choices) are not run: their rows get a copy
+        of its cache row and its logits."""
+        first: dict[tuple, Sequence] = {}
+        for seq in group:
+            first.setdefault(tuple(seq.prompt), seq)
+        uniq = list(first.values())
+        group = uniq + [s for s in group if first[tuple(s.prompt)] is not s]  # rows 0..u-1 run, the rest copy
+        k, n, u = len(group), len(self.active), len(uniq)
         movers = self.active[:k]  # rows 0..k-1 are needed: their sequences go to the first free rows past both
         for i, seq in enumerate(movers):
             self.model.copy_cache(i, max(n, k) + i, seq.pos)
         self.active = group + self.active[k:] + movers
-        T = max(len(s.prompt) for s in group)
-        ids = torch.zeros(k, T, dtype=torch.long)
-        pos = torch.zeros(k, T, dtype=torch.long)
-        for b, seq in enumerate(group):
+        T = max(len(s.prompt) for s in uniq)
+        ids = torch.zeros(u, T, dtype=torch.long)
+        pos = torch.zeros(u, T, dtype=torch.long)
+        for b, seq in enumerate(uniq):
             L = len(seq.prompt)
             ids[b, T - L:] = torch.tensor(seq.prompt)
             pos[b] = torch.cat([torch.arange(L, T), torch.arange(L)])
         try:
-            logits = self.model(ids.to(self.device), pos.to(self.device), last_only=True)[:, -1]  # (k, vocab)
+            logits = self.model(ids.to(self.device), pos.to(self.device), last_only=True)[:, -1]  # (u, vocab)
         except BaseException:
             for i in reversed(range(k)):
                 self._release_row(i)
             raise
-        self.stats["prompt_tokens"] += sum(len(s.prompt) for s in group)
+        row = {id(s): b for b, s in enumerate(uniq)}
+        src = [row[id(first[tuple(s.prompt)])] for s in group]  # the row each sequence's prompt ran in
+        for b in range(u, k):
+            self.model.copy_cache(src[b], b, len(group[b].prompt))
+        logits = logits[src]  # (k, vocab)
+        self.stats["prompt_tokens"] += sum(len(s.prompt) for s in uniq)
         self.stats["prefills"] += 1
         for b, seq in enumerate(group):
             try:
@@ -301,7 +315,8 @@ class Engine:
         self.batch_sizes[len(seqs)] += 1
         greedy = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
-            plain = seq.sampling.temperature == 0 and seq.sampling.repetition_penalty == 1.0
+            cfg = seq.sampling
+            plain = cfg.temperature == 0 and cfg.repetition_penalty == 1.0 and not cfg.logit_bias and seq.constraint is None
             try:
                 self._take(seq, logits[i], greedy[i] if plain else None)
             except Exception as e:  # noqa: BLE001 - as in _prefill: this row fails, the others go on
@@ -311,10 +326,12 @@ class Engine:
         """Sample the next token of `seq` from its (vocab,) logits, report it, and mark the end."""
         cfg = seq.sampling
         if token is None:
-            row = logits[None]
-            if cfg.repetition_penalty != 1.0:
-                row = apply_repetition_penalty(row, seq._seen, cfg.repetition_penalty)
-            token = int(sample(row, cfg, seq._gen))
+            left = min(cfg.max_new_tokens - len(seq.tokens), self.max_seq_len - len(seq.prompt) - len(seq.tokens))
+            try:
+                token = pick(logits[None], cfg, seq._gen, seq._seen, seq.constraint, left)
+            except LlamaforgeError as e:  # a broken grammar state or a bad logit_bias: this sequence fails alone
+                seq.error, seq.finish_reason = e, "error"
+                return
         if seq._seen is not None:
             seq._seen = torch.cat([seq._seen, torch.tensor([[token]], device=self.device)], dim=1)
         step = Step(token)
@@ -334,6 +351,8 @@ class Engine:
         seq._on_step(step)
         if len(seq.tokens) >= cfg.max_new_tokens or seq.pos + 1 >= self.max_seq_len:
             seq.finish_reason = "length"
+        if seq.constraint is not None and seq.constraint.done:
+            seq.finish_reason = "stop"
 
     def _release_row(self, i: int) -> None:
         """Free row i: the last row's sequence moves into it."""

@@ -12,6 +12,8 @@ import threading
 import time
 
 
+PROTECTED = ("/v1", "/tokenize", "/detokenize")  # paths that need the API key when there is one
+
 # ---- errors ----
 
 class APIError(Exception):
@@ -120,7 +122,7 @@ class Guard:
 
     async def _guard(self, scope, receive, send_and_count):
         path, headers = scope["path"], dict(scope["headers"])
-        if self.api_key and path.startswith("/v1") and not self._authorized(headers.get(b"authorization", b"")):
+        if self.api_key and path.startswith(PROTECTED) and not self._authorized(headers.get(b"authorization", b"")):
             return await self._reject(send_and_count, 401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                       "invalid_api_key", [(b"www-authenticate", b"Bearer")])
         if scope["method"] in ("POST", "PUT", "PATCH"):

@@ -32,6 +32,7 @@ from llamaforge.serving.api import ServeConfig
 from llamaforge.generate import TextStream
 from llamaforge.serving.app import create_app
 from llamaforge.serving.http import listen_socket  # noqa: E402
+from llamaforge.tokenizer import bytes_to_unicode  # noqa: E402
 
 from conftest import needs_default_model  # noqa: E402
 
@@ -42,18 +43,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def successor(t: int) -> int:
     return ord(LETTERS[(7 * t + 3) % 26])
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_chain_model(out: Path) -> None:
@@ -392,7 +381,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model_not_found"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, 400, "context_length_exceeded"),

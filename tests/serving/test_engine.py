@@ -221,3 +221,63 @@ def test_stop_cancels_everything(model):
     engine.stop()
     assert all(s.done and s.finish_reason in ("cancelled", "length") for s in seqs)
     assert not engine.alive
+
+
+def test_same_prompt_rows_share_one_prefill(model):
+    # a request's n choices: one prefill, copied cache rows, and each row still decodes as if alone
+    p, other = prompts(2, seed=9)
+    engine = Engine(model, max_batch=6, max_seq_len=128)
+    try:
+        hold = engine.submit(Sequence(other, greedy(40)))  # another prompt in the same prefill group
+        seqs = [Sequence(p, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=s)) for s in (1, 2, 3)] + [Sequence(p, greedy(12))]
+        outs = run(engine, seqs)
+        list(hold)
+    finally:
+        engine.stop()
+    assert engine.stats["prompt_tokens"] == len(p) + len(other) and engine.stats["prefills"] == 1
+    check_greedy(model, p, outs[3])
+    alone = Engine(model, max_batch=1, max_seq_len=128)
+    try:
+        for s, out in zip((1, 2, 3), outs):
+            assert run(alone, [Sequence(p, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=s))])[0] == out
+    finally:
+        alone.stop()
+    assert len({tuple(o) for o in outs[:3]}) > 1
+
+
+class OnlyEven:
+    """A constraint that allows even token ids only and ends after 5 tokens: the engine's hook protocol."""
+
+    def __init__(self):
+        self.n, self.seen = 0, []
+
+    def mask(self, logits, remaining=None):
+        keep = torch.zeros(logits.size(-1), dtype=torch.bool)
+        keep[::2] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def advance(self, token, remaining=None):
+        self.n += 1
+        self.seen.append(remaining)
+        return token
+
+    @property
+    def done(self):
+        return self.n >= 5
+
+
+def test_constraint_hook_per_row(model):
+    ps = prompts(3, seed=4)
+    engine = Engine(model, max_batch=3, max_seq_len=128)
+    try:
+        hooks = [OnlyEven(), None, OnlyEven()]
+        seqs = [Sequence(p, greedy(20), constraint=h) for p, h in zip(ps, hooks)]
+        outs = run(engine, seqs)
+    finally:
+        engine.stop()
+    for out, h, s in zip(outs, hooks, seqs):
+        if h is None:
+            assert len(out) == 20 and any(t % 2 for t in out)
+        else:
+            assert len(out) == 5 and all(t % 2 == 0 for t in out) and s.finish_reason == "stop"
+            assert h.seen == [20, 19, 18, 17, 16]  # the budget left, this token included

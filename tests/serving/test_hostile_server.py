@@ -283,19 +283,19 @@ def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_
     # any per-sequence error) and one whose prompt holds a poisoned token makes the group's forward fail:
     # the group is retried one by one, and the six others get exactly their tokens alone.
     import llamaforge.serving.engine as engine_mod
-    real_sample, real_forward = engine_mod.sample, tiny_model.forward
+    real_sample, real_forward = engine_mod.pick, tiny_model.forward
     POISON = 511
 
-    def sample(logits, cfg, gen=None):
+    def sample(logits, cfg, gen=None, *rest):
         if cfg.seed == 13:
             raise RuntimeError("this sequence's sampler fails")
-        return real_sample(logits, cfg, gen)
+        return real_sample(logits, cfg, gen, *rest)
 
     def forward(tokens, *a, **kw):
         if (tokens == POISON).any():
             raise RuntimeError("this prompt breaks the forward")
         return real_forward(tokens, *a, **kw)
-    monkeypatch.setattr(engine_mod, "sample", sample)
+    monkeypatch.setattr(engine_mod, "pick", sample)
     monkeypatch.setattr(tiny_model, "forward", forward)
     prompts = [[3, 4, 5], [9] * 7, [1, 2], [100, 200, 300, 400], [7], [8, 8], [50, 60], [POISON, 1]]
     seqs = [Sequence(p, SamplingConfig(max_new_tokens=5, **({"temperature": 0.5, "seed": 13} if i == 2 else {})))
@@ -307,13 +307,13 @@ def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_
     # in decode: a sequence that fails at its third token leaves the batch, the others finish exactly
     calls = {"n": 0}
 
-    def flaky(logits, cfg, gen=None):
+    def flaky(logits, cfg, gen=None, *rest):
         if cfg.seed == 13:
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("fails mid-generation")
-        return real_sample(logits, cfg, gen)
-    monkeypatch.setattr(engine_mod, "sample", flaky)
+        return real_sample(logits, cfg, gen, *rest)
+    monkeypatch.setattr(engine_mod, "pick", flaky)
     seqs = [Sequence(p, SamplingConfig(max_new_tokens=6)) for p in prompts[:3]]
     seqs.append(Sequence([11, 12], SamplingConfig(max_new_tokens=6, temperature=0.5, seed=13)))
     outs = run_together(tiny_model, seqs)
@@ -323,16 +323,16 @@ def test_a_failing_sequence_fails_alone_in_its_prefill_group_and_in_decode(tiny_
 
 def test_a_stream_that_fails_after_its_200_ends_with_an_error_event(server, monkeypatch):
     import llamaforge.serving.engine as engine_mod
-    real = engine_mod.sample
+    real = engine_mod.pick
     counts = {}
 
-    def flaky(logits, cfg, gen=None):
+    def flaky(logits, cfg, gen=None, *rest):
         if cfg.seed == 4242:
             counts[id(gen)] = counts.get(id(gen), 0) + 1
             if counts[id(gen)] == 3:
                 raise RuntimeError("boom")
-        return real(logits, cfg, gen)
-    monkeypatch.setattr(engine_mod, "sample", flaky)
+        return real(logits, cfg, gen, *rest)
+    monkeypatch.setattr(engine_mod, "pick", flaky)
     with Bystanders(server) as by:
         body = {"prompt": "ab", "max_tokens": 8, "temperature": 0.5, "seed": 4242, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
