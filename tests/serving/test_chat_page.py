@@ -1,0 +1,275 @@
+"""The chat page (llamaforge/serving/static/) in headless Chromium, against the "chain" model of test_api.py
+(greedy answers are known exactly). Markdown rendering and injection attempts, conversations kept across a
+reload, regenerate, edit, tokens/s, the API key prompt. Screenshots go to test-artifacts/."""
+import json
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_api import ARTIFACTS, Server, chain, model_dir  # noqa: E402,F401 (model_dir: the chain model, a fixture)
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (BROWSER and DRIVER),
+                                reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+
+MARKDOWN = """## Plan
+
+Use **bold**, *italic*, ~~old~~ and `inline()` code; see [the docs](https://example.com/docs) or https://example.org.
+
+1. first
+2. second
+   - nested
+
+```python
+print("<b>hi</b>")
+```
+
+> a quote
+
+| name | size |
+|:-----|-----:|
+| a    | 1    |
+
+snake_case_name stays, and 2 * 3 * 4 too."""
+
+INJECTION = ("<img src=x onerror=\"window.pwned=1\"> <script>window.pwned=2</script> "
+             "[click](javascript:window.pwned=3) <a href=\"javascript:alert(1)\">a</a> "
+             "![pic](https://example.com/x.png) `<i>code</i>`")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = Server(model_dir, slow=0.005)  # a few ms a token, so Stop has something to stop
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def tail(server) -> int:
+    """The last token of every chat prompt: chat answers chain from it."""
+    return server.llm.chat_ids([{"role": "user", "content": "x"}])[-1]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = BROWSER
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,760"):
+        opts.add_argument(flag)
+    d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
+    d.set_page_load_timeout(20)
+    yield d
+    d.quit()
+
+
+def open_page(d, server):
+    d.get(server.url + "/")
+    WebDriverWait(d, 20).until(lambda d: d.find_element(By.ID, "model").text == "chain")
+
+
+def send(d, text, n_answers):
+    """Type `text`, send it, wait for the n-th answer to finish."""
+    d.find_element(By.ID, "prompt").send_keys(text)
+    d.find_element(By.ID, "send").click()
+    WebDriverWait(d, 20).until(lambda d: len(answers(d)) == n_answers and not d.find_elements(By.CSS_SELECTOR, ".streaming")
+                               and d.find_element(By.ID, "send").is_enabled())
+
+
+def answers(d):
+    return [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
+
+
+def stored(d):
+    return json.loads(d.execute_script("return localStorage.getItem('llamaforge.chats.v1')") or "[]")
+
+
+def set_max_tokens(d, n):
+    if not d.find_element(By.ID, "max-tokens").is_displayed():
+        d.find_element(By.CSS_SELECTOR, "details summary").click()
+    box = d.find_element(By.ID, "max-tokens")
+    box.clear()
+    if n:
+        box.send_keys(str(n))
+
+
+def screenshot(d, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / name))
+    assert (ARTIFACTS / name).stat().st_size > 1000
+
+
+def test_streams_stops_and_shows_tokens_per_second(server, tail, browser):
+    d = browser
+    open_page(d, server)
+    set_max_tokens(d, 24)
+    send(d, "<img src=x onerror=alert(1)> What is the capital of France?", 1)
+    assert answers(d) == [chain(tail, 24)]  # streamed, complete
+    user = d.find_element(By.CSS_SELECTOR, ".msg.user")
+    assert user.text.startswith("<img src=x") and not d.find_elements(By.CSS_SELECTOR, "#log img")  # text, not HTML
+    status = d.find_element(By.ID, "status").text
+    assert re.fullmatch(r"24 tokens · [\d.]+ tokens/s · first token [\d.]+ s · stopped at max tokens", status), status
+    assert d.find_element(By.CSS_SELECTOR, ".turn.assistant .stats").text == status
+    # a second turn (the history goes with it) without a token limit: Stop ends it mid-stream
+    set_max_tokens(d, None)
+    d.find_element(By.ID, "prompt").send_keys("And Italy?")
+    d.find_element(By.ID, "send").click()
+    WebDriverWait(d, 20).until(lambda d: len(answers(d)) == 2 and len(answers(d)[1]) >= 5)
+    d.find_element(By.ID, "stop").click()
+    WebDriverWait(d, 20).until(lambda d: d.find_element(By.ID, "status").text.startswith("stopped"))
+    assert re.fullmatch(r"stopped · \d+ tokens · [\d.]+ tokens/s · first token [\d.]+ s", d.find_element(By.ID, "status").text)
+    second = answers(d)[1]
+    assert 5 <= len(second) < 400 and chain(tail, len(second)) == second
+    assert server.wait_idle(3.0)  # the aborted fetch stopped the generation
+    assert [m["content"] for m in stored(d)[0]["messages"]][1:] == [chain(tail, 24), "And Italy?", second]  # the stopped part is kept
+
+
+def test_markdown_rendered_and_injection_shown_as_text(server, browser):
+    d = browser
+    open_page(d, server)
+    conv = {"id": "md", "title": "Markdown", "updated": 1, "messages": [
+        {"role": "user", "content": "Show me markdown. **not bold**"},
+        {"role": "assistant", "content": MARKDOWN},
+        {"role": "user", "content": "And HTML?"},
+        {"role": "assistant", "content": INJECTION}]}
+    d.execute_script("localStorage.setItem('llamaforge.chats.v1', arguments[0]); localStorage.setItem('llamaforge.current', 'md')",
+                     json.dumps([conv]))
+    open_page(d, server)
+    first, second = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    q = lambda css: first.find_elements(By.CSS_SELECTOR, css)  # noqa: E731
+    assert q("h2")[0].text == "Plan"
+    assert [e.text for e in q("strong")] == ["bold"] and [e.text for e in q("em")] == ["italic"] and q("del")[0].text == "old"
+    assert [e.text for e in q("p > code")] == ["inline()"]
+    links = q("a")
+    assert [(a.text, a.get_attribute("href")) for a in links] == [("the docs", "https://example.com/docs"),
+                                                                   ("https://example.org", "https://example.org/")]
+    assert all(a.get_attribute("rel") == "noopener noreferrer nofollow" and a.get_attribute("target") == "_blank" for a in links)
+    assert [e.text for e in q("ol > li")][0] == "first" and q("ol > li ul > li")[0].text == "nested"
+    assert q(".code-block .code-lang")[0].text == "python"
+    assert q("pre code.language-python")[0].text == 'print("<b>hi</b>")' and not q("pre b")
+    assert q("blockquote")[0].text == "a quote"
+    assert [e.text for e in q("th")] == ["name", "size"] and [e.text for e in q("td")] == ["a", "1"]
+    assert q("td")[1].value_of_css_property("text-align") == "right"
+    assert "snake_case_name stays, and 2 * 3 * 4 too." in first.text
+    assert d.find_elements(By.CSS_SELECTOR, ".msg.user")[0].text == "Show me markdown. **not bold**"  # the user's text as typed
+    # the injection: every tag is text; the only link is the image's, to https
+    assert not second.find_elements(By.CSS_SELECTOR, "img, script, i, b")
+    assert "<img src=x onerror=" in second.text and "<script>window.pwned=2</script>" in second.text and "<i>code</i>" in second.text
+    assert [a.get_attribute("href") for a in second.find_elements(By.CSS_SELECTOR, "a")] == ["https://example.com/x.png"]
+    assert "[click](javascript:window.pwned=3)" in second.text
+    assert d.execute_script("return window.pwned") is None
+    assert not d.find_elements(By.CSS_SELECTOR, "#log img, #log script, #log iframe")
+    # a code block's Copy button puts the code on the clipboard
+    d.execute_cdp_cmd("Browser.grantPermissions", {"origin": server.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    first.find_element(By.CSS_SELECTOR, ".copy-code").click()
+    WebDriverWait(d, 5).until(lambda d: first.find_element(By.CSS_SELECTOR, ".copy-code").text == "Copied")
+    assert d.execute_async_script("navigator.clipboard.readText().then(arguments[0], (e) => arguments[0]('error ' + e))") \
+        == 'print("<b>hi</b>")'
+    d.execute_script("document.getElementById('log').scrollTop = 0")
+    screenshot(d, "chat-page-markdown.png")
+
+
+def test_conversations_survive_reload_and_are_listed(server, tail, browser):
+    d = browser
+    open_page(d, server)
+    set_max_tokens(d, 6)
+    send(d, "First conversation", 1)
+    send(d, "Its second question", 2)
+    d.find_element(By.ID, "new-chat").click()
+    assert not d.find_elements(By.CSS_SELECTOR, ".turn")
+    send(d, "Second conversation", 1)
+    d.refresh()
+    WebDriverWait(d, 20).until(lambda d: d.find_element(By.ID, "model").text == "chain")
+    # the open conversation and the list came back; the settings too
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Second conversation"]
+    assert answers(d) == [chain(tail, 6)]
+    titles = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#chat-list .open")]
+    assert titles == ["Second conversation", "First conversation"]  # newest first
+    assert d.find_element(By.CSS_SELECTOR, "#chat-list li.current .open").text == "Second conversation"
+    assert d.execute_script("return document.getElementById('max-tokens').value") == "6"
+    d.find_elements(By.CSS_SELECTOR, "#chat-list .open")[1].click()
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["First conversation", "Its second question"]
+    assert answers(d) == [chain(tail, 6)] * 2
+    screenshot(d, "chat-page-list.png")
+    # a turn continues the conversation it was opened from, then delete the other one
+    send(d, "Third question", 3)
+    assert len(stored(d)) == 2 and [len(c["messages"]) for c in sorted(stored(d), key=lambda c: c["title"])] == [6, 2]
+    other = d.find_element(By.CSS_SELECTOR, "#chat-list li:not(.current)")
+    ActionChains(d).move_to_element(other).click(other.find_element(By.CSS_SELECTOR, ".delete")).perform()  # shown on hover
+    assert [c["title"] for c in stored(d)] == ["First conversation"]
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, "#chat-list .open")] == ["First conversation"]
+
+
+def test_regenerate_and_edit(server, tail, browser):
+    d = browser
+    open_page(d, server)
+    set_max_tokens(d, 4)
+    send(d, "Question one", 1)
+    send(d, "Question two", 2)
+    assert answers(d) == [chain(tail, 4)] * 2
+    # only the last answer has Regenerate; it replaces that answer (here with a longer one: max tokens 9)
+    regen = [b for b in d.find_elements(By.CSS_SELECTOR, ".turn.assistant .actions button") if b.text == "Regenerate"]
+    assert len(regen) == 1
+    set_max_tokens(d, 9)
+    regen[0].click()
+    WebDriverWait(d, 20).until(lambda d: answers(d) == [chain(tail, 4), chain(tail, 9)] and d.find_element(By.ID, "send").is_enabled())
+    assert [m["content"] for m in stored(d)[0]["messages"]] == ["Question one", chain(tail, 4), "Question two", chain(tail, 9)]
+    # Edit the first question: what followed it goes, the edited one is answered
+    set_max_tokens(d, 5)
+    d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button")[0].click()
+    box = d.find_element(By.CSS_SELECTOR, ".edit-box")
+    assert box.get_attribute("value") == "Question one"
+    box.clear()
+    box.send_keys("Question one, edited")
+    next(b for b in d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button") if b.text == "Send").click()
+    WebDriverWait(d, 20).until(lambda d: answers(d) == [chain(tail, 5)] and d.find_element(By.ID, "send").is_enabled())
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Question one, edited"]
+    assert [m["content"] for m in stored(d)[0]["messages"]] == ["Question one, edited", chain(tail, 5)]
+    # Cancel leaves the message as it was
+    d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button")[0].click()
+    d.find_element(By.CSS_SELECTOR, ".edit-box").send_keys(" more")
+    next(b for b in d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button") if b.text == "Cancel").click()
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Question one, edited"]
+
+
+def test_api_key_prompt(model_dir, tail, browser):
+    s = Server(model_dir, api_key="s3cret")
+    d = browser
+    try:
+        d.get(s.url + "/")
+        wait = WebDriverWait(d, 20)
+        wait.until(lambda d: d.find_element(By.ID, "key-prompt").is_displayed())
+        assert "needs an API key" in d.find_element(By.ID, "key-message").text
+        assert d.find_element(By.ID, "model").text == "(API key needed)"
+        screenshot(d, "chat-page-api-key.png")
+        d.find_element(By.ID, "key-input").send_keys("wrong\n")
+        wait.until(lambda d: "did not accept" in d.find_element(By.ID, "key-message").text)
+        assert d.find_element(By.ID, "key-prompt").is_displayed()
+        d.find_element(By.ID, "key-input").send_keys("s3cret\n")
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "chain")
+        assert not d.find_element(By.ID, "key-prompt").is_displayed()
+        set_max_tokens(d, 3)
+        send(d, "Hello", 1)
+        assert answers(d) == [chain(tail, 3)]
+        # the key lasts for this tab (sessionStorage), not in localStorage unless asked
+        assert d.execute_script("return [sessionStorage.getItem('llamaforge.api-key'), localStorage.getItem('llamaforge.api-key')]") \
+            == ["s3cret", None]
+        # a key that stops working mid-conversation: the prompt again, and the question back in the box
+        d.execute_script("sessionStorage.setItem('llamaforge.api-key', 'revoked')")
+        d.find_element(By.ID, "prompt").send_keys("Again")
+        d.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "key-prompt").is_displayed() and d.find_element(By.ID, "send").is_enabled())
+        assert d.find_element(By.ID, "prompt").get_attribute("value") == "Again" and len(answers(d)) == 1
+        assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        s.close()
