@@ -59,18 +59,26 @@ def tail(server) -> int:
     return server.llm.chat_ids([{"role": "user", "content": "x"}])[-1]
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
     opts = webdriver.ChromeOptions()
     opts.binary_location = BROWSER
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,760"):
+                 f"--user-data-dir={tmp_path_factory.mktemp('profile')}", "--window-size=1100,760"):
         opts.add_argument(flag)
     d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=DRIVER))
     d.set_page_load_timeout(20)
     yield d
     d.quit()
+
+
+@pytest.fixture
+def browser(chromium, server):
+    """One Chromium for the module; each test starts on the page with nothing stored."""
+    chromium.get(server.url + "/")
+    chromium.execute_script("localStorage.clear(); sessionStorage.clear()")
+    yield chromium
 
 
 def open_page(d, server):
@@ -86,8 +94,13 @@ def send(d, text, n_answers):
                                and d.find_element(By.ID, "send").is_enabled())
 
 
+def texts(d, css):
+    """The text of each element matching `css`, read in one go (the page re-renders a conversation when an answer ends)."""
+    return d.execute_script("return Array.from(document.querySelectorAll(arguments[0]), (e) => e.innerText)", css)
+
+
 def answers(d):
-    return [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
+    return texts(d, ".msg.assistant")
 
 
 def stored(d):
@@ -191,14 +204,14 @@ def test_conversations_survive_reload_and_are_listed(server, tail, browser):
     d.refresh()
     WebDriverWait(d, 20).until(lambda d: d.find_element(By.ID, "model").text == "chain")
     # the open conversation and the list came back; the settings too
-    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Second conversation"]
+    assert texts(d, ".msg.user") == ["Second conversation"]
     assert answers(d) == [chain(tail, 6)]
-    titles = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#chat-list .open")]
+    titles = texts(d, "#chat-list .open")
     assert titles == ["Second conversation", "First conversation"]  # newest first
     assert d.find_element(By.CSS_SELECTOR, "#chat-list li.current .open").text == "Second conversation"
     assert d.execute_script("return document.getElementById('max-tokens').value") == "6"
     d.find_elements(By.CSS_SELECTOR, "#chat-list .open")[1].click()
-    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["First conversation", "Its second question"]
+    assert texts(d, ".msg.user") == ["First conversation", "Its second question"]
     assert answers(d) == [chain(tail, 6)] * 2
     screenshot(d, "chat-page-list.png")
     # a turn continues the conversation it was opened from, then delete the other one
@@ -207,7 +220,7 @@ def test_conversations_survive_reload_and_are_listed(server, tail, browser):
     other = d.find_element(By.CSS_SELECTOR, "#chat-list li:not(.current)")
     ActionChains(d).move_to_element(other).click(other.find_element(By.CSS_SELECTOR, ".delete")).perform()  # shown on hover
     assert [c["title"] for c in stored(d)] == ["First conversation"]
-    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, "#chat-list .open")] == ["First conversation"]
+    assert texts(d, "#chat-list .open") == ["First conversation"]
 
 
 def test_regenerate_and_edit(server, tail, browser):
@@ -233,13 +246,13 @@ def test_regenerate_and_edit(server, tail, browser):
     box.send_keys("Question one, edited")
     next(b for b in d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button") if b.text == "Send").click()
     WebDriverWait(d, 20).until(lambda d: answers(d) == [chain(tail, 5)] and d.find_element(By.ID, "send").is_enabled())
-    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Question one, edited"]
+    assert texts(d, ".msg.user") == ["Question one, edited"]
     assert [m["content"] for m in stored(d)[0]["messages"]] == ["Question one, edited", chain(tail, 5)]
     # Cancel leaves the message as it was
     d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button")[0].click()
     d.find_element(By.CSS_SELECTOR, ".edit-box").send_keys(" more")
     next(b for b in d.find_elements(By.CSS_SELECTOR, ".turn.user .actions button") if b.text == "Cancel").click()
-    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Question one, edited"]
+    assert texts(d, ".msg.user") == ["Question one, edited"]
 
 
 def test_api_key_prompt(model_dir, tail, browser):
@@ -273,3 +286,62 @@ def test_api_key_prompt(model_dir, tail, browser):
         assert not d.find_elements(By.CSS_SELECTOR, ".msg.error")
     finally:
         s.close()
+
+
+RENDER = "const box = document.createElement('div'); box.appendChild(Markdown.render(arguments[0])); return box.innerHTML"
+CODE = '<div class="code-block"><div class="code-bar"><span class="code-lang">{}</span><button class="copy-code" type="button" ' \
+       'title="copy this code">Copy</button></div><pre><code{}>{}</code></pre></div>'
+
+
+@pytest.mark.parametrize("text, html", [
+    ("***both*** and **a *b* c**", "<p><strong><em>both</em></strong> and <strong>a <em>b</em> c</strong></p>"),
+    ("a\\*b\\* `x*y*` __u__ _e_ file_name_x", "<p>a*b* <code>x*y*</code> <strong>u</strong> <em>e</em> file_name_x</p>"),
+    ("line one\nline two", "<p>line one<br>line two</p>"),
+    ("[wiki](https://en.wikipedia.org/wiki/Foo_(bar)) [rel](/v1/models) [bad](data:text/html,x) [js](JavaScript:alert(1))",
+     '<p><a href="https://en.wikipedia.org/wiki/Foo_(bar)" target="_blank" rel="noopener noreferrer nofollow">wiki</a> '
+     '<a href="http://127.0.0.1:PORT/v1/models" target="_blank" rel="noopener noreferrer nofollow">rel</a> '
+     "[bad](data:text/html,x) [js](JavaScript:alert(1))</p>"),
+    ("```js\nlet a = '<b>';", CODE.format("js", ' class="language-js"', "let a = '&lt;b&gt;';")),  # still streaming: open fence
+    ("~~~\n  x\n~~~\nafter", CODE.format("text", "", "  x") + "<p>after</p>"),
+    ("- a\n- b\n\n3. c\n4. d", '<ul class="tight"><li><p>a</p></li><li><p>b</p></li></ul><ol start="3" class="tight"><li><p>c</p></li>'
+                                '<li><p>d</p></li></ol>'),
+    ("# T #\n---\n> q\n> > deeper", "<h1>T</h1><hr><blockquote><p>q</p><blockquote><p>deeper</p></blockquote></blockquote>"),
+    ("<b>bold?</b> &amp; <!-- c -->", "<p>&lt;b&gt;bold?&lt;/b&gt; &amp;amp; &lt;!-- c --&gt;</p>"),
+])
+def test_markdown_renderer_cases(server, browser, text, html):
+    assert browser.execute_script(RENDER, text) == html.replace("PORT", str(server.port))
+
+
+def test_markdown_renderer_fuzz_makes_only_safe_elements(server, browser):
+    """Random mixes of markdown and HTML pieces: only the renderer's own elements and attributes come out, links are
+    http(s)/mailto only, no handler runs, and the text of a plain-text input survives whole."""
+    bad = browser.execute_script("""
+        const pieces = ["<", ">", "*", "**", "_", "`", "```", "~~", "[", "](", ")", "![", "#", "|", "-", "\\n", "\\n\\n", " ", "  ",
+                        "a", "1. ", "- ", "> ", "\\\\", "javascript:", "https://x.y/", "mailto:a@b.c", "data:text/html,",
+                        "<img src=x onerror=window.pwned=1>", "<script>window.pwned=2</script>", "<a href=javascript:1>",
+                        "&lt;", "&#60;", "\\"", "'", " onerror=", "|---|", ":", "\\t"];
+        const tags = new Set(["P", "BR", "STRONG", "EM", "DEL", "CODE", "A", "H1", "H2", "H3", "H4", "H5", "H6", "UL", "OL", "LI",
+                              "BLOCKQUOTE", "HR", "DIV", "SPAN", "BUTTON", "PRE", "TABLE", "THEAD", "TBODY", "TR", "TH", "TD"]);
+        const attrs = new Set(["class", "href", "target", "rel", "type", "title", "start", "style"]);
+        let seed = 12345;
+        const rnd = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return Math.floor(seed / 2147483648 * n); };
+        for (let k = 0; k < 3000; k++) {
+          let s = "";
+          for (let j = rnd(60) + 1; j > 0; j--) s += pieces[rnd(pieces.length)];
+          const box = document.createElement("div");
+          box.appendChild(Markdown.render(s));
+          for (const e of box.querySelectorAll("*")) {
+            if (!tags.has(e.tagName)) return ["tag " + e.tagName, s];
+            for (const a of e.attributes) if (!attrs.has(a.name)) return ["attribute " + a.name, s];
+            if (e.tagName === "A" && !/^(https?:|mailto:)/.test(e.href)) return ["href " + e.href, s];
+            if (e.hasAttribute("style") && !/^text-align: (left|right|center);$/.test(e.getAttribute("style"))) return ["style", s];
+          }
+        }
+        const plain = "no markup here, just words and numbers 12 + 3 = 15; done";
+        const box = document.createElement("div");
+        box.appendChild(Markdown.render(plain));
+        if (box.textContent !== plain) return ["plain text changed", box.textContent];
+        for (const c of ["*", "_", "`", "[", "~", "<", "|", "#", "\\\\"]) Markdown.render(c.repeat(5000));  // no blow-up
+        return window.pwned === undefined ? null : ["handler ran", String(window.pwned)];
+    """)
+    assert bad is None, bad

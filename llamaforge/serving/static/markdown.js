@@ -49,6 +49,7 @@ const Markdown = (() => {
       if (s.startsWith(delim, j) && !/\s/.test(s[j - 1])) {
         if (delim.length === 1 && s[j + 1] === delim) { j++; continue; }  // part of a longer run
         if (delim === "_" && isWord(s[j + 1])) continue;                   // snake_case stays text
+        while (delim.length === 2 && s[j + 2] === delim[0]) j++;            // "***": the inner one closes first
         return j;
       }
     }
