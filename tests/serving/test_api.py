@@ -449,7 +449,10 @@ def test_health_metrics_openapi_page(server):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings"} <= set(schema["paths"])
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
-    assert httpx.get(server.url + "/static/chat.js").status_code == 200
+    assert page.headers["cache-control"] == "no-cache" and "markdown.js" in page.text
+    for name in ("chat.js", "markdown.js", "style.css"):  # revalidated on each load: an upgrade never meets a stale copy
+        r = httpx.get(server.url + "/static/" + name)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache" and r.headers["etag"]
 
 
 # ---- fuzz: nothing a client sends gets a 5xx ----

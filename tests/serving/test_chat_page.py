@@ -14,6 +14,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from conftest import needs_default_model  # noqa: E402
 from test_api import ARTIFACTS, Server, chain, model_dir  # noqa: E402,F401 (model_dir: the chain model, a fixture)
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -345,3 +346,28 @@ def test_markdown_renderer_fuzz_makes_only_safe_elements(server, browser):
         return window.pwned === undefined ? null : ["handler ran", String(window.pwned)];
     """)
     assert bad is None, bad
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_default_model_answer_renders(chromium):
+    """The default model, greedy, asked for code: its streamed answer's fenced block becomes a code block with that code."""
+    import llamaforge
+    s = Server(llamaforge.load(llamaforge.DEFAULT_MODEL), name="smollm2-135m-instruct")
+    d = chromium
+    try:
+        d.get(s.url + "/")
+        WebDriverWait(d, 30).until(lambda d: d.find_element(By.ID, "model").text == "smollm2-135m-instruct")
+        set_max_tokens(d, 120)
+        d.find_element(By.ID, "prompt").send_keys("Write a Python function that reverses a string.")
+        d.find_element(By.ID, "send").click()
+        WebDriverWait(d, 300).until(lambda d: answers(d) and d.find_element(By.ID, "send").is_enabled())
+        text = stored(d)[0]["messages"][1]["content"]
+        assert re.search(r"\d+ tokens · [\d.]+ tokens/s", d.find_element(By.ID, "status").text)
+        fences = re.findall(r"```(\w*)\n(.*?)\n```", text, re.S)
+        assert fences, text  # the model writes its code fenced (greedy: the same answer each run)
+        assert texts(d, ".msg.assistant pre code") == [code for _, code in fences]
+        assert texts(d, ".msg.assistant .code-lang") == [lang or "text" for lang, _ in fences]
+        screenshot(d, "chat-page.png")
+    finally:
+        s.close()
