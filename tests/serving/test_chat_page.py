@@ -79,6 +79,7 @@ def browser(chromium, server):
     """One Chromium for the module; each test starts on the page with nothing stored."""
     chromium.get(server.url + "/")
     chromium.execute_script("localStorage.clear(); sessionStorage.clear()")
+    open_page(chromium, server)
     yield chromium
 
 
@@ -125,7 +126,6 @@ def screenshot(d, name):
 
 def test_streams_stops_and_shows_tokens_per_second(server, tail, browser):
     d = browser
-    open_page(d, server)
     set_max_tokens(d, 24)
     send(d, "<img src=x onerror=alert(1)> What is the capital of France?", 1)
     assert answers(d) == [chain(tail, 24)]  # streamed, complete
@@ -150,7 +150,6 @@ def test_streams_stops_and_shows_tokens_per_second(server, tail, browser):
 
 def test_markdown_rendered_and_injection_shown_as_text(server, browser):
     d = browser
-    open_page(d, server)
     conv = {"id": "md", "title": "Markdown", "updated": 1, "messages": [
         {"role": "user", "content": "Show me markdown. **not bold**"},
         {"role": "assistant", "content": MARKDOWN},
@@ -195,7 +194,6 @@ def test_markdown_rendered_and_injection_shown_as_text(server, browser):
 
 def test_conversations_survive_reload_and_are_listed(server, tail, browser):
     d = browser
-    open_page(d, server)
     set_max_tokens(d, 6)
     send(d, "First conversation", 1)
     send(d, "Its second question", 2)
@@ -224,9 +222,27 @@ def test_conversations_survive_reload_and_are_listed(server, tail, browser):
     assert texts(d, "#chat-list .open") == ["First conversation"]
 
 
+def test_narrow_screen_list_opens_and_closes(server, tail, browser):
+    d = browser
+    set_max_tokens(d, 3)
+    send(d, "Earlier", 1)
+    d.find_element(By.ID, "new-chat").click()
+    d.set_window_size(420, 800)
+    try:
+        assert not d.find_element(By.ID, "sidebar").is_displayed()
+        d.find_element(By.ID, "toggle-chats").click()
+        assert d.find_element(By.ID, "sidebar").is_displayed()
+        ActionChains(d).move_to_element_with_offset(d.find_element(By.ID, "log"), 190, 0).click().perform()  # the page beside it: closes
+        assert not d.find_element(By.ID, "sidebar").is_displayed()
+        d.find_element(By.ID, "toggle-chats").click()
+        d.find_element(By.CSS_SELECTOR, "#chat-list .open").click()  # opening a conversation closes it too
+        assert not d.find_element(By.ID, "sidebar").is_displayed() and answers(d) == [chain(tail, 3)]
+    finally:
+        d.set_window_size(1100, 760)
+
+
 def test_regenerate_and_edit(server, tail, browser):
     d = browser
-    open_page(d, server)
     set_max_tokens(d, 4)
     send(d, "Question one", 1)
     send(d, "Question two", 2)
@@ -266,6 +282,11 @@ def test_api_key_prompt(model_dir, tail, browser):
         assert "needs an API key" in d.find_element(By.ID, "key-message").text
         assert d.find_element(By.ID, "model").text == "(API key needed)"
         screenshot(d, "chat-page-api-key.png")
+        d.find_element(By.ID, "prompt").send_keys("Early\n")  # sent before any key: the question waits in the box
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+        assert d.find_element(By.ID, "prompt").get_attribute("value") == "Early"
+        assert not d.find_elements(By.CSS_SELECTOR, ".msg") and d.find_element(By.ID, "key-prompt").is_displayed()
+        d.find_element(By.ID, "prompt").clear()
         d.find_element(By.ID, "key-input").send_keys("wrong\n")
         wait.until(lambda d: "did not accept" in d.find_element(By.ID, "key-message").text)
         assert d.find_element(By.ID, "key-prompt").is_displayed()

@@ -330,7 +330,7 @@ async function answer({ giveBack = null, previous = null } = {}) {
     if (performance.now() - saved > 1000) { saved = performance.now(); persist(conversation); }
   };
   try {
-    if (!modelName && !(await loadModel())) throw new Error("no model: " + $("model").textContent);
+    if (!modelName && !(await loadModel())) throw $("key-prompt").hidden ? new Error("no model: " + $("model").textContent) : new KeyNeeded();
     const res = await call("/v1/chat/completions", { method: "POST", signal: controller.signal, body: JSON.stringify(request(messages)) });
     if (!res.ok) throw new Error(await errorText(res));
     await readEvents(res, (chunk) => {
@@ -402,7 +402,8 @@ promptBox.addEventListener("keydown", (ev) => {
 });
 stopBtn.addEventListener("click", () => { if (controller) controller.abort(); });
 $("new-chat").addEventListener("click", () => openChat(null));
-$("toggle-chats").addEventListener("click", () => document.body.classList.toggle("show-chats"));
+$("toggle-chats").addEventListener("click", (ev) => { ev.stopPropagation(); document.body.classList.toggle("show-chats"); });
+$("page").addEventListener("click", () => document.body.classList.remove("show-chats"));  // the list over the page (narrow screens) closes
 for (const id of ["system", "temperature", "max-tokens"]) $(id).addEventListener("change", saveSettings);
 $("api-key").addEventListener("change", () => { setApiKey($("api-key").value.trim(), !!localStorage.getItem(KEY)); loadModel(); });
 $("key-prompt").addEventListener("submit", async (ev) => {
