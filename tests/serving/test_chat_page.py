@@ -329,6 +329,11 @@ CODE = '<div class="code-block"><div class="code-bar"><span class="code-lang">{}
                                 '<li><p>d</p></li></ol>'),
     ("# T #\n---\n> q\n> > deeper", "<h1>T</h1><hr><blockquote><p>q</p><blockquote><p>deeper</p></blockquote></blockquote>"),
     ("<b>bold?</b> &amp; <!-- c -->", "<p>&lt;b&gt;bold?&lt;/b&gt; &amp;amp; &lt;!-- c --&gt;</p>"),
+    ("Title\n=====\nSub\n---\n\n---", "<h1>Title</h1><h2>Sub</h2><hr>"),
+    ("1. Run:\n   ```sh\n   ls\n   ```\n2. Done\n   * sub", '<ol class="tight"><li><p>Run:</p>' + CODE.format("sh", ' class="language-sh"', "ls")
+     + '</li><li><p>Done</p><ul class="tight"><li><p>sub</p></li></ul></li></ol>'),
+    ("a|b\n---\n\nx | y\n--|--\n1 | 2 \\| 3", "<h2>a|b</h2>" '<div class="table-wrap"><table><thead><tr><th>x</th><th>y</th></tr></thead>'
+     "<tbody><tr><td>1</td><td>2 | 3</td></tr></tbody></table></div>"),
 ])
 def test_markdown_renderer_cases(server, browser, text, html):
     assert browser.execute_script(RENDER, text) == html.replace("PORT", str(server.port))

@@ -1,7 +1,7 @@
 // Markdown to DOM for the chat page, safe by construction: it builds elements with createElement and
 // puts all text in with text nodes, so no string is ever parsed as HTML ("<img onerror=...>" in a
 // model's answer stays text). Links keep only http(s) and mailto targets; images become links (the
-// page's CSP loads none from elsewhere). It covers what chat models write: headings, paragraphs,
+// page's CSP loads none from elsewhere). It covers what chat models write: headings (# and underlined), paragraphs,
 // lists (nested by indent, task boxes shown as text), block quotes, fenced code (with a Copy
 // button), GFM tables, rules, and inline code, bold, italic, strikethrough, links and bare URLs.
 // An unclosed code fence (an answer still streaming) runs to the end of the text.
@@ -129,6 +129,7 @@ const Markdown = (() => {
   const HEADING = /^ {0,3}(#{1,6})(?:\s+(.*?))?(?:\s+#+)?\s*$/;
   const RULE = /^ {0,3}([-*_])(?:\s*\1){2,}\s*$/;
   const QUOTE = /^ {0,3}> ?/;
+  const SETEXT = /^ {0,3}(=+|-+)\s*$/;
   const ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])(\s+|$)/;
   const TABLE_SEP = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
   const blank = (l) => /^\s*$/.test(l);
@@ -220,7 +221,7 @@ const Markdown = (() => {
         i = list(ls, i, parent);
         continue;
       }
-      if (l.includes("|") && i + 1 < ls.length && TABLE_SEP.test(ls[i + 1]) && ls[i + 1].includes("-")) {
+      if (l.includes("|") && i + 1 < ls.length && TABLE_SEP.test(ls[i + 1]) && cells(l).length === cells(ls[i + 1]).length) {
         const rows = [l, ls[i + 1]];
         i += 2;
         while (i < ls.length && !blank(ls[i]) && ls[i].includes("|")) rows.push(ls[i++]);
@@ -228,10 +229,13 @@ const Markdown = (() => {
         continue;
       }
       const para = [];
-      while (i < ls.length && !blank(ls[i]) && !(para.length && (FENCE.test(ls[i]) || HEADING.test(ls[i]) || RULE.test(ls[i]) || QUOTE.test(ls[i]) || ITEM.test(ls[i])))) {
+      let level = 0;  // a setext heading: the paragraph underlined with === (h1) or --- (h2)
+      while (i < ls.length && !blank(ls[i])) {
+        if (para.length && (m = ls[i].match(SETEXT))) { level = m[1][0] === "=" ? 1 : 2; i++; break; }
+        if (para.length && (FENCE.test(ls[i]) || HEADING.test(ls[i]) || RULE.test(ls[i]) || QUOTE.test(ls[i]) || ITEM.test(ls[i]))) break;
         para.push(ls[i++]);
       }
-      const p = el("p");
+      const p = el(level ? "h" + level : "p");
       lines(para, p);
       parent.appendChild(p);
     }
