@@ -321,11 +321,13 @@ async function answer({ giveBack = null, previous = null } = {}) {
   busy(true);
   statusLine.textContent = "";
   controller = new AbortController();
-  let finish = null, tokens = 0, pieces = 0, first = 0, last = 0, timer = null, saved = 0;
+  let finish = null, tokens = 0, pieces = 0, first = 0, last = 0, timer = null, saved = 0, every = 50;
   const started = performance.now();
-  const show = () => {  // at most every 50 ms: markdown re-renders the whole answer
+  const show = () => {  // markdown re-renders the whole answer: every 50 ms, or 5 renders' time for a long one
     timer = null;
+    const t = performance.now();
     fillBubble(bubble, msg);
+    every = Math.max(50, 5 * (performance.now() - t));
     log.scrollTop = log.scrollHeight;
     if (performance.now() - saved > 1000) { saved = performance.now(); persist(conversation); }
   };
@@ -343,7 +345,7 @@ async function answer({ giveBack = null, previous = null } = {}) {
         if (!first) first = last;
         msg.content += choice.delta.content;
         pieces += 1;
-        if (!timer) timer = setTimeout(show, 50);
+        if (!timer) timer = setTimeout(show, every);
       }
       if (choice.finish_reason) finish = choice.finish_reason;
     });
