@@ -270,16 +270,26 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
               "final_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
               "final_val_loss": final_val["val_loss"] if final_val else None,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "stopped_by": stopped_by, "last_checkpoint_step": last["ckpt"]}
+              "stopped_by": stopped_by, "last_checkpoint_step": last["ckpt"], **energy_and_cost(fc, d, wall_s, state["tokens"])}
     accounting.write_report(run / "report.json", report)
     print(("stopped by " + stopped_by + f" at step {state['step']}: resume with --resume\n" if stopped_by else "")
           + f"done: {state['step']} steps, {state['tokens']:,} tokens at {report['tokens_per_s']:,.0f} tok/s in "
           f"{wall_s / 60:.1f} min; final loss {report['final_loss']:.4f}"
           + (f", validation {report['final_val_loss']:.4f}" if final_val else "")
           + f"; peak RSS {report['peak_rss_mb']:,.0f} MB\n"
+          + f"energy {report['energy_kwh']:.4f} kWh at {report['power_w']:g} W x PUE {fc.pue:g}; cost "
+          + accounting.format_cost(report["cost"]) + "\n"
           + (f"adapter in {run}: llamaforge chat --model {fc.model} --adapter {run}" if lc is not None
              else f"model in {run / 'model'}: llamaforge chat --model {run}"), file=sys.stderr)
     return report
+
+
+def energy_and_cost(tc, d, wall_s: float, tokens: int) -> dict:
+    """Energy, carbon and cost of `wall_s` seconds on one device at the job's power, PUE, intensity and prices."""
+    power = accounting.device_power(tc.device_power, d.device.type)
+    kwh = accounting.energy_kwh(wall_s / 3600, power, tc.pue)
+    return {"power_w": power, "pue": tc.pue, "energy_kwh": kwh, "tco2eq": accounting.co2_tonnes(kwh, tc.carbon_intensity),
+            "cost": accounting.cost_row(kwh, wall_s / 3600, tokens=tokens or None, **accounting.cost_kwargs(tc))}
 
 
 def merge(model: str | Path, adapter: str | Path, out: str | Path, to: str = "hf", dtype: str | None = None) -> None:
