@@ -170,9 +170,21 @@ _RESUME_KEYS = ("model", "data", "method", "rank", "alpha", "lora_dropout", "tar
                 "batch_size", "micro_batch_size", "seed", "on_bad_line")
 
 
+def load_for_training(fc: FinetuneConfig, d, what: str = "fine-tuning"):
+    """The model to train in fp32 (its int4/int8 base for QLoRA) and the row length: -> (LLM, seq_len)."""
+    from ..llm import load
+    llm = load(fc.model, chat_format=fc.chat_format, device=str(d.device), dtype=torch.float32,
+               quantize=fc.quantize if fc.method == "qlora" else "none")
+    if llm.tokenizer is None:
+        raise LlamaforgeError(f"{fc.model} has no tokenizer: {what} reads text")
+    seq_len = fc.seq_len or min(llm.config.max_seq_len, 2048)
+    if seq_len > llm.config.max_seq_len:
+        raise LlamaforgeError(f"--seq-len {seq_len} is longer than the model's context ({llm.config.max_seq_len})")
+    return llm, seq_len
+
+
 def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
     """Fine-tune (or with `dpo`, preference-tune) as `fc` says; returns the report (also out/report.json)."""
-    from ..llm import load
     from ..lora import LoRAConfig, apply_lora, save_adapter, trainable_params
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from .parallelize import apply_ac, init_distributed
@@ -192,14 +204,8 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         if diff:
             raise LlamaforgeError(f"{run} was started with other settings (then vs now: {diff}): resume with the same ones")
     t_load = time.perf_counter()
-    llm = load(fc.model, chat_format=fc.chat_format, device=str(d.device), dtype=torch.float32,
-               quantize=fc.quantize if fc.method == "qlora" else "none")
-    if llm.tokenizer is None:
-        raise LlamaforgeError(f"{fc.model} has no tokenizer: fine-tuning reads text")
+    llm, seq_len = load_for_training(fc, d)
     model, cfg, tok = llm.model, llm.config, llm.tokenizer
-    seq_len = fc.seq_len or min(cfg.max_seq_len, 2048)
-    if seq_len > cfg.max_seq_len:
-        raise LlamaforgeError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_seq_len})")
 
     # every line is read and checked before anything is written
     chat, broken = llm.chat_format, llm.chat_format_error
