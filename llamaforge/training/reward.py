@@ -114,11 +114,17 @@ def load_pairs(path, tok, chat, broken, seq_len, on_bad_line, pad, seed=0, use_m
     return RewardPairs(pairs, [margins[p[0].where] for p in pairs], seq_len, pad, seed)
 
 
+def reward_loss_on_device(model: RewardModel, batch, autocast):
+    """`reward_loss` on a batch read on the CPU (evaluation reads rows itself), moved to the model's device."""
+    dev = model.head.weight.device
+    return reward_loss(model, tuple(t.to(dev) for t in batch), autocast)
+
+
 @torch.no_grad()
-def pair_accuracy(model: RewardModel, pairs: RewardPairs, mbs: int = 8) -> dict:
+def pair_accuracy(model: RewardModel, pairs: RewardPairs, mbs: int = 8, autocast=None) -> dict:
     """Share of pairs whose chosen answer scores above the rejected one, and the mean loss and gap."""
-    autocast, _ = autocast_for("fp32", torch.device("cpu"))
-    out = evaluate_rows(model, pairs, mbs, autocast, reward_loss, count_pairs)
+    autocast = autocast or autocast_for("fp32", model.head.weight.device)[0]
+    out = evaluate_rows(model, pairs, mbs, autocast, reward_loss_on_device, count_pairs)
     return {"pairs": len(pairs), "accuracy": out["val_accuracy"], "loss": out["val_loss"], "reward_gap": out["val_reward_gap"]}
 
 
@@ -214,13 +220,13 @@ def train_reward(rc: RewardConfig, on_step=None) -> dict:
     apply_ac(model.trunk, rc.ac)
     opt = make_optimizer(model, rc)
     autocast, bf16 = autocast_for(rc.dtype, d.device)
-    before = pair_accuracy(model, val, rc.micro_batch_size) if val else None
+    before = pair_accuracy(model, val, rc.micro_batch_size, autocast) if val else None
     run.mkdir(parents=True, exist_ok=True)
     (run / "reward_config.json").write_text(json.dumps(dataclasses.asdict(rc), indent=2) + "\n")
     template = getattr(llm.chat_format, "source", None) or (llm.source.chat_template if llm.source else None)
     extra = {"chat_format": rc.chat_format, "seq_len": seq_len}
     save = lambda step, st: save_reward_model(run, model, lc, cfg, rc.model, tok, template, {**extra, "step": step})  # noqa: E731
-    evaluate = (lambda: evaluate_rows(model, val, rc.micro_batch_size, autocast, reward_loss, count_pairs)) if val else None
+    evaluate = (lambda: evaluate_rows(model, val, rc.micro_batch_size, autocast, reward_loss_on_device, count_pairs)) if val else None
     n_tok = sum(batches.tokens([i]) for i in range(len(batches)))
     fpt = accounting.finetune_flops_per_token(cfg, n_tok / (2 * len(batches)), 0.0, lc is None)
     peak = rc.peak_flops or accounting.measure_peak_flops(d.device, torch.bfloat16 if bf16 else torch.float32)
@@ -232,7 +238,7 @@ def train_reward(rc: RewardConfig, on_step=None) -> dict:
     lp = Loop(model, opt, batches, rc.batch_size, d, autocast, run, save=save, evaluate=evaluate, fpt=fpt, peak=peak,
               loss=reward_loss, count=count_pairs)
     log, stopped_by, _, wall_s = run_loop(lp, rc, state, False, on_step)
-    after = pair_accuracy(model, val, rc.micro_batch_size) if val else None
+    after = pair_accuracy(model, val, rc.micro_batch_size, autocast) if val else None
     report = {"command": "reward", "method": rc.method, "model": rc.model, "pairs": len(batches),
               "trainable_params": trainable_params(model), "steps": state["step"], "tokens": state["tokens"],
               "tokens_per_s": state["tokens"] / state["train_s"] if state["train_s"] else 0.0, "wall_s": wall_s,
