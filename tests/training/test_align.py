@@ -112,6 +112,10 @@ def test_rejection_sampling_keeps_the_argmax_reward_sample_and_finetunes_on_it(r
     assert best[1]["messages"][0] == msg(S, "Be kind.")
     assert rep["mean_reward_best_of_k"] >= rep["mean_reward_one_sample"]
     assert rep["finetune"]["steps"] == 2 and (out / "adapter.json").exists()
+    ft = rep["finetune"]  # the fine-tuning report carries energy and cost: 10 W per thread x PUE 1.1, 0.08 USD/kWh
+    assert ft["energy_kwh"] == pytest.approx(ft["wall_s"] / 3600 * 10 * torch.get_num_threads() * 1.1 / 1000)
+    assert ft["cost"]["electricity"] == pytest.approx(ft["energy_kwh"] * 0.08)
+    assert ft["cost"]["per_million_tokens"] == pytest.approx(ft["cost"]["electricity"] / ft["tokens"] * 1e6)
 
 
 # ---- Ghost Attention ----
