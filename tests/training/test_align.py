@@ -208,3 +208,14 @@ def test_gatt_build_samples_with_the_instruction_on_every_turn(tmp_path, capsys)
     assert json.loads((tmp_path / "y.jsonl").read_text()) == training_example(*split_dialog(DIALOG), INS, 2)
     assert main(["gatt", "--data", str(ok), "--out", str(tmp_path / "z.jsonl")]) == 2
     assert "no instruction" in capsys.readouterr().err
+
+
+def test_gatt_cli_samples_from_a_model(tiny_chat_model, tmp_path):
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"messages": DIALOG}])
+    out = tmp_path / "s.jsonl"
+    assert main(["gatt", "--data", str(ok), "--out", str(out), "--instruction", INS, "--model", str(tiny_chat_model),
+                 "--max-new-tokens", "3", "--turns", "last"]) == 0
+    msgs = json.loads(out.read_text())["messages"]
+    assert [m["role"] for m in msgs] == [S, U, A, U, A, U, A] and msgs[1]["content"] == INS + "\n\nHi?"
+    assert msgs[3]["content"] == "Sky colour?" and msgs[2]["weight"] == 0 and "weight" not in msgs[-1]
+    assert msgs[-1]["content"] != "Arr, green."  # the answers are the model's, sampled with the instruction on every turn
