@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/align")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--gatt-max-steps", type=int, default=0, help="stop GAtt fine-tuning after N steps (0: --epochs)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: gatt, reward, rs")
     args = ap.parse_args()
     import torch
@@ -73,7 +74,7 @@ def main() -> None:
         ft = out / "ft_gatt"
         t0 = time.perf_counter()
         assert cli(["finetune", "--data", str(data / "gatt" / "sft.jsonl"), "--out", str(ft), "--method", "lora", "--lr", "1e-3",
-                    "--epochs", str(args.epochs), "--batch-size", "8", "--micro-batch-size", "8", "--eval-every", "0",
+                    "--epochs", str(args.epochs), "--max-steps", str(args.gatt_max_steps), "--batch-size", "8", "--micro-batch-size", "8", "--eval-every", "0",
                     "--ckpt-every", "100000"] + th) == 0
         res["gatt_finetune"] = {**json.loads((ft / "report.json").read_text()), "call_s": time.perf_counter() - t0}
         res["gatt_after"] = gatt_eval(llamaforge.load(adapter=ft), heldout, "after GAtt")
