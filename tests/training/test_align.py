@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from llamaforge import LlamaforgeError
 from llamaforge.commands import main
 from llamaforge.chat import chat_format_for
 from llamaforge.training.gatt import build, gatt_examples, sampling_messages, split_dialog, training_example
@@ -219,3 +218,10 @@ def test_gatt_cli_samples_from_a_model(tiny_chat_model, tmp_path):
     assert [m["role"] for m in msgs] == [S, U, A, U, A, U, A] and msgs[1]["content"] == INS + "\n\nHi?"
     assert msgs[3]["content"] == "Sky colour?" and msgs[2]["weight"] == 0 and "weight" not in msgs[-1]
     assert msgs[-1]["content"] != "Arr, green."  # the answers are the model's, sampled with the instruction on every turn
+
+
+@pytest.mark.parametrize("cmd", [["reward", "train"], ["reward", "score"], ["rejection-sample"], ["gatt"], ["carbon"], ["plan"]])
+def test_help_of_each_new_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0 and "usage: llamaforge" in capsys.readouterr().out
