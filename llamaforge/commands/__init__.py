@@ -11,9 +11,9 @@ import os
 import sys
 
 from ..errors import LlamaforgeError
-from . import account, evaluate, rag, run, serve, train
+from . import account, align, evaluate, rag, run, serve, train
 
-GROUPS = (run, train, evaluate, serve, rag, account)
+GROUPS = (run, train, align, evaluate, serve, rag, account)
 
 
 def build_parser() -> argparse.ArgumentParser:
