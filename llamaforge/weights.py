@@ -444,9 +444,17 @@ def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if not isinstance(shards[-1], dict) or "tok_embeddings.weight" not in shards[-1]:
             raise LlamaforgeError(f"{f} does not hold a llama state dict (no tok_embeddings.weight)")
     sd = merge_meta_shards(shards, params.get("dim", -1))
-    cfg = config_from_meta(params, sd["tok_embeddings.weight"].shape[0], path / "params.json")  # params.json often says vocab_size -1
-    if "layers.0.feed_forward.w1.weight" in sd:
-        cfg.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    return meta_config(path, params, {k: tuple(v.shape) for k, v in sd.items()}), sd
+
+
+def meta_config(path: Path, params: dict, shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """The config of a Meta checkpoint: params.json, completed from the merged tensors' shapes (our names ->
+    shapes) and checked against them."""
+    if "tok_embeddings.weight" not in shapes:
+        raise LlamaforgeError(f"{path}: the checkpoint has no tok_embeddings.weight: not a llama state dict")
+    cfg = config_from_meta(params, shapes["tok_embeddings.weight"][0], path / "params.json")  # params.json often says vocab_size -1
+    if "layers.0.feed_forward.w1.weight" in shapes:
+        cfg.hidden_dim = shapes["layers.0.feed_forward.w1.weight"][0]
     # params.json records neither the context window nor (for Llama 3.2) the rope scaling factor:
     # take them from the named config of the same shape when there is one.
     named = matching_configs(cfg)
@@ -456,5 +464,5 @@ def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if cfg.rope_scaling and ref.rope_scaling and "rope_scaling_factor" not in params:
             cfg.rope_scaling = dict(ref.rope_scaling)
         cfg.name = cfg.name or named[0]
-    check_shapes(path, cfg, {k: v.shape for k, v in sd.items()})
-    return cfg, sd
+    check_shapes(path, cfg, shapes)
+    return cfg

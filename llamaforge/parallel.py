@@ -1,0 +1,492 @@
+"""Tensor-parallel inference: N processes, each holding 1/N of every weight matrix and of the KV cache.
+
+Megatron-LM's split (Shoeybi et al. 2019), applied from outside a built `Transformer` as gpt-fast
+`tp.py` and torchtitan `apply_tp` do (model.py knows nothing of it):
+- column parallel: wq, wk, wv, w1, w3 keep their rank's rows: n_heads/N query heads, n_kv_heads/N
+  key/value heads (the KV cache holds only those) and hidden_dim/N of the feed-forward;
+- row parallel: wo and w2 keep the matching input columns; the partial sums are all-reduced by a
+  forward hook on `attention` and `feed_forward`;
+- vocab parallel: the embedding and output keep vocab/N rows; the embedding's ranks add up their
+  rows (each id is found on one rank), the output all-gathers the logits. Meta's LLaMA 1/2 shards
+  split the embedding by columns instead (fairscale `ParallelEmbedding`): that layout is kept.
+
+Each rank reads only its slice of the checkpoint: Meta `consolidated.NN.pth` shard NN is rank NN's
+when there are N of them (other counts are re-sliced from the memory-mapped shards), safetensors
+tensors are sliced with `get_slice`, GGUF tensors are sliced in the mapped file before they are
+dequantized (whole quantization blocks). Weights are float (fp32 / bf16): GGUF blocks are dequantized
+slice by slice, not kept quantized.
+
+Running: rank 0 runs the command (stdin, HTTP, tokenizer, sampling) with a `Leader` in place of its
+model, which broadcasts each model call (forward, output, setup_caches, copy_cache) to the other
+ranks; they `follow()`, making the same calls, so every collective meets its partners. Gloo on CPUs,
+NCCL on GPUs; launched by torchrun.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import datetime
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import LlamaforgeError
+from .model import Transformer
+
+COLUMN = ("wq", "wk", "wv", "w1", "w3")  # split along their outputs (dim 0 of the weight)
+ROW = ("wo", "w2")  # split along their inputs (dim 1), outputs all-reduced
+
+
+# ---- the process group ----
+
+def init_tp(tp: int, device: str | None = None) -> tuple[int, torch.device]:
+    """Join torchrun's process group of `tp` ranks: -> (rank, device). Gloo on CPUs, NCCL on CUDA."""
+    world = os.environ.get("WORLD_SIZE")
+    if "RANK" not in os.environ or world != str(tp):
+        raise LlamaforgeError(f"--tp {tp} runs one process per rank: launch with torchrun --nproc_per_node {tp} -m llamaforge ... "
+                              f"(this process has WORLD_SIZE={world or 'unset'})")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        # a server's other ranks wait for requests for hours: the default 30-minute timeout would end them
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(days=365))
+    return rank, dev
+
+
+def all_gather_last(x: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Concatenate every rank's x along the last dimension (the first `keep` columns)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    out = torch.cat(parts, dim=-1)
+    return out if keep is None else out[..., :keep]
+
+
+def _all_reduce_hook(module, inputs, y: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(y)  # row-parallel partial sums -> the full projection, on every rank
+    return y
+
+
+# ---- what each rank holds ----
+
+def vocab_rows(vocab_size: int, world: int) -> int:
+    """Rows of the embedding / output per rank: the vocabulary rounded up to a multiple of N."""
+    return -(-vocab_size // world)
+
+
+def check_divisible(cfg: ModelConfig, world: int, embed: str = "vocab") -> None:
+    sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "hidden_dim": cfg.hidden_dim}
+    if embed == "dim":
+        sizes["dim"] = cfg.dim
+    bad = [f"{k} {v}" for k, v in sizes.items() if v % world]
+    if bad:
+        ok = [n for n in range(1, cfg.n_kv_heads + 1) if all(v % n == 0 for v in sizes.values())]
+        raise LlamaforgeError(f"--tp {world} does not divide this model's {', '.join(bad)}: it splits over {ok} ranks")
+
+
+def shard_of(name: str, cfg: ModelConfig, rank: int, world: int, embed: str = "vocab") -> tuple[int, int, int] | None:
+    """(dim, start, length) of tensor `name` that `rank` holds, or None for a replicated tensor (norms)."""
+    kind = name.split(".")[-2]
+    q, kv, h = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    full = {"wq": q, "wk": kv, "wv": kv, "wo": q, "w1": h, "w3": h, "w2": h}.get(kind)
+    if full is not None:
+        n = full // world
+        return (0 if kind in COLUMN else 1), rank * n, n
+    if kind == "tok_embeddings" and embed == "dim":
+        n = cfg.dim // world
+        return 1, rank * n, n
+    if kind in ("tok_embeddings", "output"):
+        rows = vocab_rows(cfg.vocab_size, world)
+        start = min(rank * rows, cfg.vocab_size)
+        return 0, start, min(rows, cfg.vocab_size - start)
+    return None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows [start, start + n) (zero-padded to `vocab_rows`): ids outside them look up zeros,
+    and the ranks' sum is the embedding (Megatron `VocabParallelEmbedding`)."""
+
+    def __init__(self, weight: torch.Tensor, start: int, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start, self.n = start, n
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        own = (local >= 0) & (local < self.n)
+        x = F.embedding(local.clamp(0, self.weight.size(0) - 1), self.weight)  # (B, T, dim)
+        x = x.masked_fill(~own[..., None], 0)
+        dist.all_reduce(x)
+        return x
+
+
+class DimParallelEmbedding(nn.Module):
+    """Columns [r dim/N, (r+1) dim/N) of every row, all-gathered (fairscale `ParallelEmbedding`, as in
+    Meta's LLaMA 1/2 shards)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(F.embedding(ids, self.weight))  # (B, T, dim)
+
+
+# ---- sources: where a rank's slices come from ----
+
+class StateDictSource:
+    """Slices of in-memory tensors (a built model's own, or a state dict)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        self.sd = state_dict
+
+    def read(self, name: str, shard) -> torch.Tensor:
+        t = self.sd[name]
+        return t if shard is None else t.narrow(*shard)
+
+
+class SafetensorsSource:
+    """Slices read with safetensors' `get_slice`: only the rank's rows or columns leave the file. HF Q/K
+    rows rotate halves; whole heads are sliced, then each is permuted to interleaved pairs."""
+
+    def __init__(self, files: list[Path], head_dim: int):
+        from safetensors import safe_open
+
+        from .weights import _FROM_HF, rename
+        self.head_dim, self.where = head_dim, {}
+        for f in files:
+            fh = safe_open(str(f), framework="pt")
+            for name in fh.keys():
+                ours = rename(name, _FROM_HF)
+                if ours is not None:
+                    self.where[ours] = (fh, name)
+
+    def read(self, name: str, shard) -> torch.Tensor:
+        from .weights import hf_to_interleaved
+        fh, hf_name = self.where[name]
+        sl = fh.get_slice(hf_name)
+        if shard is None:
+            t = sl[:]
+        else:
+            dim, s, n = shard
+            t = sl[s:s + n] if dim == 0 else sl[:, s:s + n]
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = hf_to_interleaved(t, t.shape[0] // self.head_dim)
+        return t
+
+
+class GGUFSource:
+    """Slices of a memory-mapped GGUF file's tensors, dequantized after slicing: rows are sliced freely,
+    columns in whole quantization blocks."""
+
+    def __init__(self, gf):
+        self.gf = gf
+
+    def read(self, name: str, shard) -> torch.Tensor:
+        import gguf
+
+        from .gguf import dequantize, map_name
+        gname = map_name(name, to_gguf=True)
+        t = self.gf.tensors[gname]
+        raw, shape = self.gf.raw(gname), t.shape  # raw: (rows, bytes per row)
+        if shard is not None:
+            dim, s, n = shard
+            if dim == 0:
+                raw, shape = raw[s:s + n], (n, *shape[1:])
+            else:
+                bs, ts = gguf.GGML_QUANT_SIZES[t.qtype]
+                if s % bs or n % bs:
+                    raise LlamaforgeError(f"{self.gf.path}: {gname} is stored in {t.qtype.name} blocks of {bs} columns, and a rank's "
+                                          f"{n} columns would split blocks: use another --tp, or a float (F32/F16) GGUF")
+                raw, shape = raw[:, s // bs * ts:(s + n) // bs * ts].contiguous(), (shape[0], n)
+        try:
+            return dequantize(raw, t.qtype, shape)
+        except NotImplementedError:
+            raise LlamaforgeError(f"{self.gf.path}: tensor {gname} has quantization type {t.qtype.name}, which llamaforge "
+                                  "cannot read") from None
+
+
+class MetaSource:
+    """Meta `consolidated.NN.pth` shards, memory-mapped, each opened only when a slice needs it: with as
+    many shards as ranks, rank r opens shard r only."""
+
+    def __init__(self, files: list[Path], dim: int, home: int = 0):
+        self.files, self.dim, self.home, self._open = files, dim, home, {}
+
+    def shard(self, i: int) -> dict:
+        if i not in self._open:
+            from .weights import torch_load_weights
+            sd = torch_load_weights(self.files[i])
+            if not isinstance(sd, dict) or "tok_embeddings.weight" not in sd:
+                raise LlamaforgeError(f"{self.files[i]} does not hold a llama state dict (no tok_embeddings.weight)")
+            self._open[i] = sd
+        return self._open[i]
+
+    def split_dim(self, name: str, part: torch.Tensor) -> int | None:
+        """The dimension Meta split `name` along across the shards (None: replicated)."""
+        from .weights import _META_SPLIT
+        if len(self.files) == 1 or part.dim() == 1:
+            return None
+        kind = name.split(".")[-2]
+        if kind == "tok_embeddings":  # LLaMA 1/2 split the embedding by columns, Llama 3 by rows
+            return 1 if part.shape[1] != self.dim else 0
+        return _META_SPLIT[kind]
+
+    def part(self, i: int, name: str) -> torch.Tensor:
+        sd = self.shard(i)
+        if name not in sd:
+            raise LlamaforgeError(f"{self.files[i]} has no tensor {name}: a shard is missing or foreign")
+        return sd[name]
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        part = self.part(self.home, name)
+        cat, shape = self.split_dim(name, part), list(part.shape)
+        if cat is not None:
+            shape[cat] *= len(self.files)
+        return tuple(shape)
+
+    def read(self, name: str, shard) -> torch.Tensor:
+        home = self.part(self.home, name)
+        cat = self.split_dim(name, home)
+        if cat is None:
+            return home if shard is None else home.narrow(*shard)
+        if shard is None:
+            return torch.cat([self.part(i, name) for i in range(len(self.files))], cat)
+        dim, start, n = shard
+        if dim == cat:  # the shards that overlap [start, start + n)
+            P, parts = home.shape[cat], []
+            for i in range(start // P, (start + n - 1) // P + 1):
+                a, b = max(start, i * P), min(start + n, (i + 1) * P)
+                parts.append(self.part(i, name).narrow(cat, a - i * P, b - a))
+        else:  # sliced across the split: a piece of every shard
+            parts = [self.part(i, name).narrow(dim, start, n) for i in range(len(self.files))]
+        return torch.cat(parts, cat) if len(parts) > 1 else parts[0]
+
+
+# ---- applying the split to a built model ----
+
+def _local_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The config a rank's modules and KV cache see: its own heads (head_dim, dim, vocab unchanged)."""
+    local = copy.copy(cfg)  # not re-derived: head_dim stays dim / n_heads of the whole model
+    local.n_heads, local.n_kv_heads = cfg.n_heads // world, cfg.n_kv_heads // world
+    return local
+
+
+def parallelize(model: Transformer, rank: int, world: int, source=None, embed: str = "vocab",
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Transformer:
+    """Turn a built model (real or on the meta device) into rank `rank`'s shard of N = `world`, in place.
+
+    Each weight becomes its slice, read from `source` (default: the model's own tensors); `attention`
+    and `feed_forward` all-reduce their outputs, the embedding is vocab-parallel (or dim-parallel with
+    embed='dim'), the output all-gathers the logits, and `model.config` names the rank's heads so that
+    `setup_caches` makes a cache of n_kv_heads / N heads. Needs a process group (`init_tp`)."""
+    from .weights import expected_shapes
+    cfg = model.config
+    if getattr(model, "tp_world", 1) > 1:
+        raise LlamaforgeError("this model is already split for tensor parallelism")
+    if embed not in ("vocab", "dim") or (embed == "dim" and cfg.tie_embeddings):
+        raise LlamaforgeError(f"embed must be 'vocab' or, for an untied model, 'dim'; got {embed!r}")
+    odd = [n for n, m in model.named_modules() if n.endswith(COLUMN + ROW + ("output",)) and type(m) is not nn.Linear]
+    if odd or type(model.tok_embeddings) is not nn.Embedding:
+        raise LlamaforgeError("tensor parallelism splits float nn.Linear weights; this model has quantized or adapted "
+                              f"layers ({(odd or ['tok_embeddings'])[0]}...): load it with quantize='none' and no adapter")
+    check_divisible(cfg, world, embed)
+    source = source if source is not None else StateDictSource(model.state_dict())
+    device = device or model.norm.weight.device
+    if torch.device(device).type == "meta":
+        device = "cpu"
+    want = expected_shapes(cfg)
+    model.clear_caches()
+
+    def read(name: str) -> torch.Tensor:
+        shard = shard_of(name, cfg, rank, world, embed)
+        shape = list(want[name])
+        if shard is not None:
+            shape[shard[0]] = shard[2]
+        try:
+            t = source.read(name, shard)
+        except KeyError:
+            raise LlamaforgeError(f"the checkpoint has no tensor {name}: it is incomplete") from None
+        if tuple(t.shape) != tuple(shape):
+            raise LlamaforgeError(f"rank {rank}'s slice of {name} is {tuple(t.shape)}, expected {tuple(shape)}: "
+                                  "the checkpoint is corrupt or does not match its config")
+        dt = dtype or (t.dtype if t.is_floating_point() else torch.float32)
+        return t.to(device=device, dtype=dt, copy=True)  # a copy: nothing of the full tensor or the file stays
+
+    for name in want:
+        if name.startswith(("tok_embeddings", "output")):
+            continue
+        parent, _ = name.rsplit(".", 1)
+        mod = model.get_submodule(parent)
+        w = read(name)
+        mod.weight = nn.Parameter(w, requires_grad=False)
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = w.shape
+    for layer in model.layers:
+        layer.attention.n_heads, layer.attention.n_kv_heads = cfg.n_heads // world, cfg.n_kv_heads // world
+        layer.attention.register_forward_hook(_all_reduce_hook)
+        layer.feed_forward.register_forward_hook(_all_reduce_hook)
+
+    emb = read("tok_embeddings.weight")
+    if embed == "dim":
+        model.tok_embeddings = DimParallelEmbedding(emb)
+    else:
+        _, start, n = shard_of("tok_embeddings.weight", cfg, rank, world)
+        rows = vocab_rows(cfg.vocab_size, world)
+        emb = torch.cat([emb, emb.new_zeros(rows - n, cfg.dim)]) if n < rows else emb
+        model.tok_embeddings = VocabParallelEmbedding(emb, start, n)
+    if cfg.tie_embeddings:
+        out = model.tok_embeddings.weight
+    else:
+        out = read("output.weight")
+        rows = vocab_rows(cfg.vocab_size, world)
+        out = torch.cat([out, out.new_zeros(rows - out.size(0), cfg.dim)]) if out.size(0) < rows else out
+        out = nn.Parameter(out, requires_grad=False)
+    model.output = nn.Linear(cfg.dim, out.size(0), bias=False, device="meta")
+    model.output.weight = out
+    vocab = cfg.vocab_size
+    model.output.register_forward_hook(lambda m, i, y: all_gather_last(y, vocab))
+    model.config = _local_config(cfg, world)
+    model.tp_rank, model.tp_world, model.full_config = rank, world, cfg
+    return model.eval()
+
+
+# ---- rank 0 drives, the others follow ----
+
+def _to(obj, device):
+    """Tensors in nested args moved to `device` (CPU to travel between ranks, the rank's device after)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Leader:
+    """Rank 0's model: each call (the model's, or a submodule's such as `output`) is broadcast to the other
+    ranks before it runs here, so that they run it too (`follow`). `config` is the whole model's.
+    Attribute reads pass through to the rank's model."""
+
+    MIRRORED = ("forward", "setup_caches", "clear_caches", "copy_cache")
+
+    def __init__(self, model: nn.Module, config: ModelConfig | None = None, path: str = "", lock=None):
+        self._model, self._path = model, path
+        self._lock = lock or threading.RLock()
+        self.config = config if config is not None else getattr(model, "config", None)
+        self.closed = False
+
+    def _call(self, method: str, args, kwargs):
+        with self._lock:
+            if self.closed:
+                raise LlamaforgeError("the tensor-parallel group has been closed")
+            dist.broadcast_object_list([(self._path, method, _to(args, "cpu"), _to(kwargs, "cpu"))], src=0)
+            fn = self._model if method == "__call__" else getattr(self._model, method)
+            return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._call("__call__", args, kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in self.MIRRORED:
+            return lambda *a, **k: self._call(name, a, k)
+        if name in ("read_cache", "write_cache"):
+            raise LlamaforgeError(f"{name} is not available with tensor parallelism (each rank caches its own heads)")
+        attr = getattr(self._model, name)
+        if isinstance(attr, nn.Module):  # its calls take part in collectives too
+            return Leader(attr, None, f"{self._path}.{name}".lstrip("."), self._lock)
+        return attr
+
+    def close(self) -> None:
+        """Tell the other ranks to stop following (once), and leave the process group."""
+        with self._lock:
+            if not self.closed and dist.is_initialized():
+                self.closed = True
+                dist.broadcast_object_list([None], src=0)
+                dist.destroy_process_group()
+
+
+def follow(model: nn.Module, device) -> int:
+    """Run the calls rank 0's `Leader` broadcasts, in order, until it closes; returns the number of calls."""
+    calls = 0
+    while True:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is None:
+            dist.destroy_process_group()
+            return calls
+        path, method, args, kwargs = msg[0]
+        target = model.get_submodule(path) if path else model
+        fn = target if method == "__call__" else getattr(target, method)
+        with torch.no_grad():
+            try:
+                fn(*_to(args, device), **_to(kwargs, device))
+            except Exception as e:  # rank 0 met the same error on the same input, before any collective
+                print(f"llamaforge: rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr)
+        calls += 1
+
+
+# ---- loading ----
+
+def open_source(fmt: str, path: Path, rank: int, world: int):
+    """-> (config, source, embed style) of a checkpoint, reading headers only."""
+    from .weights import check_shapes, config_from_hf, meta_config, read_json, read_safetensors, safetensors_files
+    if fmt == "gguf":
+        from .gguf import GGUFFile
+        gf = GGUFFile(path)
+        return gf.config(), GGUFSource(gf), "vocab"
+    if fmt == "hf":
+        cfg = config_from_hf(read_json(path / "config.json"), path / "config.json")
+        files = safetensors_files(path)
+        check_shapes(path, cfg, {k: shape for k, (_, shape, _) in read_safetensors(files, tensors=False).items()})
+        return cfg, SafetensorsSource(files, cfg.head_dim), "vocab"
+    params = read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise LlamaforgeError(f"{path} has params.json but no consolidated.*.pth weight files")
+    src = MetaSource(files, params.get("dim", -1), home=rank * len(files) // world)
+    names = [k for k in src.shard(src.home) if k != "rope.freqs"]
+    cfg = meta_config(path, params, {k: src.full_shape(k) for k in names})
+    emb = src.part(src.home, "tok_embeddings.weight")
+    column_split = src.split_dim("tok_embeddings.weight", emb) == 1
+    embed = "dim" if column_split and cfg.dim % world == 0 else "vocab"
+    return cfg, src, embed
+
+
+def load_parallel(model: str | Path, tp: int, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
+                  device: str | None = None, dtype: torch.dtype | None = None):
+    """Load rank RANK's slice of `model` (GGUF file, HF or Meta directory, or a named packaged model) in a
+    torchrun group of `tp` processes. Rank 0 gets an `LLM` whose model is a `Leader`: use it as any LLM,
+    and the other ranks run each model call with it. The other ranks follow rank 0's calls inside this
+    function and get None once rank 0 is done (its process exits, or it calls `llm.model.close()`)."""
+    from .llm import LoadedWeights, find_tokenizer, resolve, wrap_model
+    rank, dev = init_tp(tp, device)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    fmt, path = resolve(model)
+    cfg, source, embed = open_source(fmt, path, rank, tp)
+    if not cfg.name:
+        cfg.name = path.stem
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    parallelize(net, rank, tp, source, embed, dtype, dev)
+    gf, source = getattr(source, "gf", None), None
+    if rank > 0:
+        follow(net, dev)
+        return None
+    tok, template = find_tokenizer(fmt, path, tokenizer, gf, cfg)
+    leader = Leader(net, cfg)
+    atexit.register(leader.close)
+    return wrap_model(leader, LoadedWeights(fmt, path, cfg, {}, tok, template), chat_format)
