@@ -102,8 +102,12 @@ def free_port() -> int:
 
 
 def run(model: str, tp: int, threads: int, args) -> dict:
-    out = OUT / f"tp{tp}-t{threads}"
-    out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        return _run(model, tp, threads, args, Path(out))
+
+
+def _run(model: str, tp: int, threads: int, args, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     me = [str(Path(__file__).resolve()), "--worker", "--model", model, "--tp", str(tp), "--threads", str(threads),
           "--out", str(out), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]

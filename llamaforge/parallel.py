@@ -427,7 +427,7 @@ class Leader:
         return self._call("__call__", args, kwargs)
 
     def __getattr__(self, name: str):
-        if name.startswith("__"):
+        if name.startswith("_"):  # private and special names are the Leader's own
             raise AttributeError(name)
         if name in self.MIRRORED:
             return lambda *a, **k: self._call(name, a, k)
