@@ -9,9 +9,9 @@ load the model, measure each rank's weight bytes, resident and peak resident mem
 the time to the first token of a 128-token prompt and the greedy decode rate over 64 tokens
 (through the Leader, as `generate --tp` runs). Greedy tokens must agree across all runs.
 
-    PYTHONPATH=. python benchmarks/bench_parallel.py [--model DIR] [--new-tokens 64]
+    PYTHONPATH=. python benchmarks/bench_parallel.py [--format hf|meta] [--model DIR] [--new-tokens 64]
 
-Writes benchmarks/results/parallel/bench.json and prints a markdown table.
+Writes benchmarks/results/parallel/bench-{hf,meta}.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -40,17 +40,20 @@ def memory() -> dict:
     return {"rss_mb": round(out["VmRSS"], 1), "anon_mb": round(out["RssAnon"], 1), "peak_rss_mb": round(out["VmHWM"], 1)}
 
 
-def write_model(path: Path) -> None:
+def write_model(path: Path, fmt: str) -> None:
     import torch
 
     from llamaforge.config import ModelConfig
     from llamaforge.model import Transformer
-    from llamaforge.weights import save_hf
+    from llamaforge.weights import save_hf, save_meta
     torch.manual_seed(0)
     cfg = ModelConfig(**CONFIG)
     model = Transformer(cfg)
     model.init_weights(0.02)
-    save_hf(path, cfg, model.state_dict())
+    if fmt == "hf":
+        save_hf(path, cfg, model.state_dict())
+    else:  # two model-parallel shards, as Meta ships LLaMA-13B: rank r of 2 opens consolidated.0r.pth only
+        save_meta(path, cfg, model.state_dict(), n_shards=2)
     print(f"wrote {path}: {cfg.n_params / 1e6:.0f}M parameters", file=sys.stderr)
 
 
@@ -120,7 +123,9 @@ def _run(model: str, tp: int, threads: int, args, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="an HF directory (default: write the random 201M model to /tmp)")
+    p.add_argument("--model", default=None, help="a model directory or file (default: write the random 201M model to /tmp)")
+    p.add_argument("--format", default="hf", choices=["hf", "meta"], help="the random model's format: HF safetensors or "
+                   "a Meta 2-shard checkpoint")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -132,16 +137,16 @@ def main() -> None:
         return worker(args)
     model = args.model
     if model is None:
-        model = "/tmp/llamaforge-bench-201m"
-        if not (Path(model) / "model.safetensors").exists():
-            write_model(Path(model))
+        model = f"/tmp/llamaforge-bench-201m-{args.format}"
+        if not (Path(model) / ("model.safetensors" if args.format == "hf" else "params.json")).exists():
+            write_model(Path(model), args.format)
     runs = [run(model, 1, 1, args), run(model, 1, 2, args), run(model, 2, 1, args)]
     same = len({tuple(r["ranks"][0]["tokens"]) for r in runs}) == 1
-    result = {"model": CONFIG if args.model is None else args.model, "prompt_tokens": args.prompt_tokens,
+    result = {"model": CONFIG if args.model is None else args.model, "format": args.format, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "greedy_tokens_identical": same, "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "runs": runs}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"bench-{args.format}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("| N | threads/rank | rank | weights MB | RSS before load MB | peak RSS MB (load + decode) | load s | first token s | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:

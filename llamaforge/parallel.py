@@ -307,6 +307,25 @@ def _local_config(cfg: ModelConfig, world: int) -> ModelConfig:
     return local
 
 
+def _split_vocab(model: Transformer, read, rank: int, world: int, embed: str) -> None:
+    """The embedding and output as this rank's vocab rows (padded to `vocab_rows`), or the embedding's
+    columns with embed='dim'; the output all-gathers its logits."""
+    cfg, rows = model.config, vocab_rows(model.config.vocab_size, world)
+
+    def pad(w: torch.Tensor) -> torch.Tensor:  # the last rank's rows, when N does not divide the vocabulary
+        return torch.cat([w, w.new_zeros(rows - w.size(0), cfg.dim)]) if w.size(0) < rows else w
+    if embed == "dim":
+        model.tok_embeddings = DimParallelEmbedding(read("tok_embeddings.weight"))
+    else:
+        _, start, n = shard_of("tok_embeddings.weight", cfg, rank, world)
+        model.tok_embeddings = VocabParallelEmbedding(pad(read("tok_embeddings.weight")), start, n)
+    out = model.tok_embeddings.weight if cfg.tie_embeddings else nn.Parameter(pad(read("output.weight")), requires_grad=False)
+    model.output = nn.Linear(cfg.dim, out.size(0), bias=False, device="meta")
+    model.output.weight = out
+    vocab = cfg.vocab_size
+    model.output.register_forward_hook(lambda m, i, y: all_gather_last(y, vocab))
+
+
 def parallelize(model: Transformer, rank: int, world: int, source=None, embed: str = "vocab",
                 dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Transformer:
     """Turn a built model (real or on the meta device) into rank `rank`'s shard of N = `world`, in place.
@@ -365,25 +384,7 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
         layer.attention.register_forward_hook(_all_reduce_hook)
         layer.feed_forward.register_forward_hook(_all_reduce_hook)
 
-    emb = read("tok_embeddings.weight")
-    if embed == "dim":
-        model.tok_embeddings = DimParallelEmbedding(emb)
-    else:
-        _, start, n = shard_of("tok_embeddings.weight", cfg, rank, world)
-        rows = vocab_rows(cfg.vocab_size, world)
-        emb = torch.cat([emb, emb.new_zeros(rows - n, cfg.dim)]) if n < rows else emb
-        model.tok_embeddings = VocabParallelEmbedding(emb, start, n)
-    if cfg.tie_embeddings:
-        out = model.tok_embeddings.weight
-    else:
-        out = read("output.weight")
-        rows = vocab_rows(cfg.vocab_size, world)
-        out = torch.cat([out, out.new_zeros(rows - out.size(0), cfg.dim)]) if out.size(0) < rows else out
-        out = nn.Parameter(out, requires_grad=False)
-    model.output = nn.Linear(cfg.dim, out.size(0), bias=False, device="meta")
-    model.output.weight = out
-    vocab = cfg.vocab_size
-    model.output.register_forward_hook(lambda m, i, y: all_gather_last(y, vocab))
+    _split_vocab(model, read, rank, world, embed)
     model.config = _local_config(cfg, world)
     model.tp_rank, model.tp_world, model.full_config = rank, world, cfg
     return model.eval()

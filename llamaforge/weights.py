@@ -416,6 +416,25 @@ def merge_meta_shards(shards: list[dict], dim: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def save_meta(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], n_shards: int = 1,
+              embed_split: int = 1) -> None:
+    """A Meta checkpoint: params.json and `consolidated.NN.pth` model-parallel shards, each tensor split as
+    Meta's fairscale layers split it (`_META_SPLIT`; the embedding by columns as LLaMA 1/2, or
+    `embed_split=0` by rows as Llama 3), norms whole in every shard."""
+    import json
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+              "vocab_size": -1, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_seq_len}
+    with atomic_dir(Path(dst)) as tmp:
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        for i in range(n_shards):
+            shard = {}
+            for k, v in state_dict.items():  # a tied output is written out: Meta's format has no tying
+                kind = k.split(".")[-2]
+                d = embed_split if kind == "tok_embeddings" else _META_SPLIT.get(kind)
+                shard[k] = v.detach() if d is None or v.dim() == 1 or n_shards == 1 else v.detach().chunk(n_shards, d)[i].clone()
+            torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+
+
 def torch_load_weights(f: Path) -> dict:
     """torch.load with weights_only=True (tensors and plain containers only: no pickled code runs), mmap'd when possible."""
     import pickle

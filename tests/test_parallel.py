@@ -140,36 +140,27 @@ def test_split_model_equals_whole_model(over):
         assert 0.5 <= r["bytes"] / r["full_bytes"] < 0.51, r["bytes"] / r["full_bytes"]
 
 
-def _write_meta(dst, model, n_shards: int, embed_split: int) -> None:
-    """A Meta-style checkpoint: params.json + consolidated.NN.pth, split as fairscale's layers split them."""
-    import json
-
-    from llamaforge.weights import _META_SPLIT
-    dst.mkdir()
-    c = model.config
-    (dst / "params.json").write_text(json.dumps(dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                                                     vocab_size=-1, norm_eps=c.norm_eps, multiple_of=16)))
-    sd = model.state_dict()
-    for i in range(n_shards):
-        shard = {}
-        for k, v in sd.items():
-            kind = k.split(".")[-2]
-            d = embed_split if kind == "tok_embeddings" else _META_SPLIT.get(kind)
-            shard[k] = v if d is None or v.dim() == 1 else v.chunk(n_shards, d)[i].clone()
-        shard["rope.freqs"] = torch.zeros(c.head_dim // 2)
-        torch.save(shard, dst / f"consolidated.{i:02d}.pth")
+def test_meta_shards_round_trip(tmp_path):
+    from llamaforge.weights import load_meta, save_meta
+    model = tiny_model(seed=2)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    save_meta(tmp_path / "m", model.config, sd, 2)
+    assert len(list((tmp_path / "m").glob("consolidated.*.pth"))) == 2
+    cfg, back = load_meta(tmp_path / "m")
+    assert cfg.n_kv_heads == 2 and cfg.hidden_dim == 176 and set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_checkpoints_load_each_rank_its_slice(tmp_path):
     from llamaforge.gguf_writer import write_gguf
-    from llamaforge.weights import save_hf
+    from llamaforge.weights import save_hf, save_meta
     model = tiny_model(seed=1)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     paths = {"meta2": tmp_path / "meta2", "meta1": tmp_path / "meta1", "meta2rows": tmp_path / "meta2rows",
              "hf": tmp_path / "hf", "gguf": tmp_path / "tiny.gguf"}
-    _write_meta(paths["meta2"], model, 2, embed_split=1)  # LLaMA 1/2: the embedding split by columns
-    _write_meta(paths["meta1"], model, 1, embed_split=1)  # one shard (7B), re-sliced for 2 ranks
-    _write_meta(paths["meta2rows"], model, 2, embed_split=0)  # Llama 3: the embedding split by rows
+    save_meta(paths["meta2"], model.config, sd, 2)  # LLaMA 1/2: the embedding split by columns
+    save_meta(paths["meta1"], model.config, sd, 1)  # one shard (7B), re-sliced for 2 ranks
+    save_meta(paths["meta2rows"], model.config, sd, 2, embed_split=0)  # Llama 3: the embedding split by rows
     save_hf(paths["hf"], model.config, sd)
     write_gguf(paths["gguf"], model.config, sd, qtype="f32")
     big = tiny_model(dim=256, n_heads=8, n_kv_heads=4, n_layers=4, hidden_dim=704, vocab_size=32000)  # 77 MB in fp32
