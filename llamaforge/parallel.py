@@ -403,6 +403,24 @@ def _to(obj, device):
     return obj
 
 
+class _interrupts_after:
+    """Hold Ctrl-C until the model call ends: rank 0 stopped between two collectives would leave the other
+    ranks waiting in one. (Signals reach only the main thread; elsewhere this does nothing.)"""
+
+    def __enter__(self):
+        import signal
+        self.hit, self.armed = False, threading.current_thread() is threading.main_thread()
+        if self.armed:
+            self.old = signal.signal(signal.SIGINT, lambda *_: setattr(self, "hit", True))
+
+    def __exit__(self, *exc):
+        import signal
+        if self.armed:
+            signal.signal(signal.SIGINT, self.old if self.old is not None else signal.default_int_handler)
+            if self.hit and exc[0] is None:
+                raise KeyboardInterrupt
+
+
 class Leader:
     """Rank 0's model: each call (the model's, or a submodule's such as `output`) is broadcast to the other
     ranks before it runs here, so that they run it too (`follow`). `config` is the whole model's.
@@ -417,7 +435,7 @@ class Leader:
         self.closed = False
 
     def _call(self, method: str, args, kwargs):
-        with self._lock:
+        with self._lock, _interrupts_after():
             if self.closed:
                 raise LlamaforgeError("the tensor-parallel group has been closed")
             dist.broadcast_object_list([(self._path, method, _to(args, "cpu"), _to(kwargs, "cpu"))], src=0)
@@ -449,7 +467,11 @@ class Leader:
 
 
 def follow(model: nn.Module, device) -> int:
-    """Run the calls rank 0's `Leader` broadcasts, in order, until it closes; returns the number of calls."""
+    """Run the calls rank 0's `Leader` broadcasts, in order, until it closes; returns the number of calls.
+    Ctrl-C is rank 0's to handle (an interrupted chat answer goes on with the next line): ignored here."""
+    import signal
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     calls = 0
     while True:
         msg = [None]
