@@ -11,7 +11,9 @@ the time to the first token of a 128-token prompt and the greedy decode rate ove
 
     PYTHONPATH=. python benchmarks/bench_parallel.py [--format hf|meta] [--model DIR] [--new-tokens 64]
 
-Writes benchmarks/results/parallel/bench-{hf,meta}.json and prints a markdown table.
+    PYTHONPATH=. python benchmarks/bench_parallel.py --model smollm2-135m-instruct --ranks 1,3 --quantize auto
+
+Writes benchmarks/results/parallel/bench-{format or model}-{quantize}.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -69,10 +71,10 @@ def worker(args) -> None:
     before = memory()["rss_mb"]
     t0 = time.perf_counter()
     if args.tp == 1:
-        llm, rank = llamaforge.load(args.model, quantize="none", device="cpu"), 0
+        llm, rank = llamaforge.load(args.model, quantize=args.quantize, device="cpu"), 0
     else:
         from llamaforge.parallel import follow, load_parallel
-        llm, rank = load_parallel(args.model, args.tp, device="cpu", follow_now=False), int(os.environ["RANK"])
+        llm, rank = load_parallel(args.model, args.tp, device="cpu", quantize=args.quantize, follow_now=False), int(os.environ["RANK"])
     net = getattr(llm, "model", llm)
     net = getattr(net, "_model", net)  # the rank's own modules behind rank 0's Leader
     res = {"rank": rank, "load_s": round(time.perf_counter() - t0, 2), "weight_mb": round(weight_bytes(net) / 2**20, 1),
@@ -113,7 +115,7 @@ def run(model: str, tp: int, threads: int, args) -> dict:
 def _run(model: str, tp: int, threads: int, args, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     me = [str(Path(__file__).resolve()), "--worker", "--model", model, "--tp", str(tp), "--threads", str(threads),
-          "--out", str(out), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+          "--out", str(out), "--quantize", args.quantize, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     cmd = [sys.executable, *me] if tp == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port", str(free_port()), *me]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -126,6 +128,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a model directory or file (default: write the random 201M model to /tmp)")
     p.add_argument("--format", default="hf", choices=["hf", "meta"], help="the random model's format: HF safetensors or "
                    "a Meta 2-shard checkpoint")
+    p.add_argument("--ranks", default="1,2", help="the N to run, comma-separated (N=1 runs with 1 and 2 threads)")
+    p.add_argument("--quantize", default="none", help="as llamaforge.load: none, auto (GGUF blocks kept int4/int8), int8, int4")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -140,13 +144,16 @@ def main() -> None:
         model = f"/tmp/llamaforge-bench-201m-{args.format}"
         if not (Path(model) / ("model.safetensors" if args.format == "hf" else "params.json")).exists():
             write_model(Path(model), args.format)
-    runs = [run(model, 1, 1, args), run(model, 1, 2, args), run(model, 2, 1, args)]
+    runs = []
+    for n in map(int, args.ranks.split(",")):
+        runs += [run(model, 1, 1, args), run(model, 1, 2, args)] if n == 1 else [run(model, n, 1, args)]
     same = len({tuple(r["ranks"][0]["tokens"]) for r in runs}) == 1
-    result = {"model": CONFIG if args.model is None else args.model, "format": args.format, "prompt_tokens": args.prompt_tokens,
+    result = {"model": CONFIG if args.model is None else args.model, "format": args.format, "quantize": args.quantize, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "greedy_tokens_identical": same, "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "runs": runs}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"bench-{args.format}.json").write_text(json.dumps(result, indent=1) + "\n")
+    tag = args.format if args.model is None else Path(args.model).stem
+    (OUT / f"bench-{tag}-{args.quantize}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("| N | threads/rank | rank | weights MB | RSS before load MB | peak RSS MB (load + decode) | load s | first token s | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:

@@ -12,9 +12,9 @@ Megatron-LM's split (Shoeybi et al. 2019), applied from outside a built `Transfo
 
 Each rank reads only its slice of the checkpoint: Meta `consolidated.NN.pth` shard NN is rank NN's
 when there are N of them (other counts are re-sliced from the memory-mapped shards), safetensors
-tensors are sliced with `get_slice`, GGUF tensors are sliced in the mapped file before they are
-dequantized (whole quantization blocks). Weights are float (fp32 / bf16): GGUF blocks are dequantized
-slice by slice, not kept quantized.
+tensors are read at their offsets (rows, or columns a block of rows at a time), GGUF tensors are
+sliced in the mapped file in whole quantization blocks, then repacked into int4/int8 layers (the
+default, as `load()` does) or dequantized. The embedding and output are float on every rank.
 
 Running: rank 0 runs the command (stdin, HTTP, tokenizer, sampling) with a `Leader` in place of its
 model, which broadcasts each model call (forward, output, setup_caches, copy_cache) to the other
@@ -209,19 +209,22 @@ class SafetensorsSource:
 
 
 class GGUFSource:
-    """Slices of a memory-mapped GGUF file's tensors, dequantized after slicing: rows are sliced freely,
-    columns in whole quantization blocks. Each tensor's mapped pages are released once it is read."""
+    """Slices of a memory-mapped GGUF file's tensors, taken before dequantization: rows freely, columns in
+    whole quantization blocks. A slice is dequantized (`read`) or, for projections, repacked into an
+    int4/int8 layer as `load()` does for a whole file (`module`). Each tensor's mapped pages are
+    released once it is read."""
 
     def __init__(self, gf):
         self.gf = gf
 
-    def read(self, name: str, shard) -> torch.Tensor:
+    def _raw(self, name: str, shard):
+        """-> (GGUF tensor, raw bytes of the slice (rows, bytes per row), the slice's shape)."""
         import gguf
 
-        from .gguf import dequantize, map_name
+        from .gguf import map_name
         gname = map_name(name, to_gguf=True)
         t = self.gf.tensors[gname]
-        raw, shape = self.gf.raw(gname), t.shape  # raw: (rows, bytes per row)
+        raw, shape = self.gf.raw(gname), t.shape
         if shard is not None:
             dim, s, n = shard
             if dim == 0:
@@ -232,13 +235,27 @@ class GGUFSource:
                     raise LlamaforgeError(f"{self.gf.path}: {gname} is stored in {t.qtype.name} blocks of {bs} columns, and a rank's "
                                           f"{n} columns would split blocks: use another --tp, or a float (F32/F16) GGUF")
                 raw, shape = raw[:, s // bs * ts:(s + n) // bs * ts].contiguous(), (shape[0], n)
+        return t, raw, shape
+
+    def read(self, name: str, shard) -> torch.Tensor:
+        from .gguf import dequantize
+        t, raw, shape = self._raw(name, shard)
         try:
             out = dequantize(raw, t.qtype, shape).clone()  # own memory: F32 data would be a view of the mapping
         except NotImplementedError:
-            raise LlamaforgeError(f"{self.gf.path}: tensor {gname} has quantization type {t.qtype.name}, which llamaforge "
+            raise LlamaforgeError(f"{self.gf.path}: tensor {t.name} has quantization type {t.qtype.name}, which llamaforge "
                                   "cannot read") from None
-        self.gf.release(gname)  # the file's pages leave this rank's resident memory
+        self.gf.release(t.name)  # the file's pages leave this rank's resident memory
         return out
+
+    def module(self, name: str, shard, mode: str, group_size: int) -> nn.Module | None:
+        """The slice of a projection as an int4/int8 layer (quantize.module_from_gguf: Q4_0/Q4_1 blocks repack
+        exactly), or None where `mode` 'auto' keeps it float (a float tensor in the file)."""
+        from .quantize import module_from_gguf
+        t, raw, shape = self._raw(name, shard)
+        mod = module_from_gguf(raw, t.qtype.name, shape, mode, group_size)
+        self.gf.release(t.name)
+        return mod
 
 
 class MetaSource:
@@ -326,14 +343,30 @@ def _split_vocab(model: Transformer, read, rank: int, world: int, embed: str) ->
     model.output.register_forward_hook(lambda m, i, y: all_gather_last(y, vocab))
 
 
+def _quantized_slice(name: str, source, read, shard, mode: str, group_size: int) -> nn.Module | None:
+    """A projection's slice as an int4/int8 layer, or None to keep it float."""
+    from .quantize import Int4Linear, Int8Linear
+    if hasattr(source, "module"):  # GGUF blocks, repacked (requantized only for a mode the file's type does not have)
+        return source.module(name, shard, mode, group_size)
+    if mode == "auto":
+        return None
+    w = read(name).float()
+    return Int4Linear.from_float(w, group_size) if mode == "int4" and w.size(1) % group_size == 0 else Int8Linear.from_float(w)
+
+
 def parallelize(model: Transformer, rank: int, world: int, source=None, embed: str = "vocab",
-                dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Transformer:
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                quantize: str = "none", group_size: int = 32) -> Transformer:
     """Turn a built model (real or on the meta device) into rank `rank`'s shard of N = `world`, in place.
 
     Each weight becomes its slice, read from `source` (default: the model's own tensors); `attention`
     and `feed_forward` all-reduce their outputs, the embedding is vocab-parallel (or dim-parallel with
     embed='dim'), the output all-gathers the logits, and `model.config` names the rank's heads so that
-    `setup_caches` makes a cache of n_kv_heads / N heads. Needs a process group (`init_tp`)."""
+    `setup_caches` makes a cache of n_kv_heads / N heads. Needs a process group (`init_tp`).
+
+    quantize: 'none' keeps float projections; 'int8' / 'int4' quantize each rank's slices (as
+    quantize_model does a whole model's); 'auto' repacks a GGUF file's quantized blocks slice by slice
+    (as `load()` does) and keeps float checkpoints float. The embedding and output stay float."""
     from .weights import expected_shapes
     cfg = model.config
     if getattr(model, "tp_world", 1) > 1:
@@ -344,6 +377,8 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
     if odd or type(model.tok_embeddings) is not nn.Embedding:
         raise LlamaforgeError("tensor parallelism splits float nn.Linear weights; this model has quantized or adapted "
                               f"layers ({(odd or ['tok_embeddings'])[0]}...): load it with quantize='none' and no adapter")
+    if quantize not in ("auto", "none", "int8", "int4"):
+        raise LlamaforgeError(f"unknown quantize mode {quantize!r}; use auto, none, int8 or int4")
     check_divisible(cfg, world, embed)
     source = source if source is not None else StateDictSource(model.state_dict())
     device = device or model.norm.weight.device
@@ -375,6 +410,12 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
             continue
         parent, _ = name.rsplit(".", 1)
         mod = model.get_submodule(parent)
+        if isinstance(mod, nn.Linear) and quantize != "none":
+            q = _quantized_slice(name, source, read, shard_of(name, cfg, rank, world), quantize, group_size)
+            if q is not None:
+                owner, attr = parent.rsplit(".", 1)
+                model.get_submodule(owner).add_module(attr, q.to(device))
+                continue
         w = read(name)
         mod.weight = nn.Parameter(w, requires_grad=False)
         if isinstance(mod, nn.Linear):
@@ -463,6 +504,7 @@ class Leader:
             if not self.closed and dist.is_initialized():
                 self.closed = True
                 dist.broadcast_object_list([None], src=0)
+                dist.barrier()  # every rank has the message before the group goes
                 dist.destroy_process_group()
 
 
@@ -477,6 +519,7 @@ def follow(model: nn.Module, device) -> int:
         msg = [None]
         dist.broadcast_object_list(msg, src=0)
         if msg[0] is None:
+            dist.barrier()
             dist.destroy_process_group()
             return calls
         path, method, args, kwargs = msg[0]
@@ -518,9 +561,11 @@ def open_source(fmt: str, path: Path, rank: int, world: int):
 
 
 def load_parallel(model: str | Path, tp: int, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
-                  device: str | None = None, dtype: torch.dtype | None = None, follow_now: bool = True):
+                  device: str | None = None, dtype: torch.dtype | None = None, quantize: str = "auto", group_size: int = 32,
+                  follow_now: bool = True):
     """Load rank RANK's slice of `model` (GGUF file, HF or Meta directory, or a named packaged model) in a
-    torchrun group of `tp` processes. Rank 0 gets an `LLM` whose model is a `Leader`: use it as any LLM,
+    torchrun group of `tp` processes; `quantize` as in `load()` (GGUF blocks stay int4/int8 by default, each
+    rank repacking its own slices; the embedding and output are float). Rank 0 gets an `LLM` whose model is a `Leader`: use it as any LLM,
     and the other ranks run each model call with it. The other ranks follow rank 0's calls inside this
     function and get None once rank 0 is done (its process exits, or it calls `llm.model.close()`); with
     `follow_now=False` they get their split `Transformer` instead, to pass to `follow(model, device)`."""
@@ -534,7 +579,7 @@ def load_parallel(model: str | Path, tp: int, *, tokenizer: str | Path | None = 
         cfg.name = path.stem
     with torch.device("meta"):
         net = Transformer(cfg)
-    parallelize(net, rank, tp, source, embed, dtype, dev)
+    parallelize(net, rank, tp, source, embed, dtype, dev, quantize, group_size)
     gf, source = getattr(source, "gf", None), None
     if rank > 0:
         if not follow_now:

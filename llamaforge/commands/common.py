@@ -93,7 +93,7 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
     if tp:
         p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes: "
-                       "torchrun --nproc_per_node N -m llamaforge ... --tp N (float weights; see docs/parallel.md)")
+                       "torchrun --nproc_per_node N -m llamaforge ... --tp N (see docs/parallel.md)")
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
 
@@ -130,11 +130,11 @@ def load_llm(args):
 def _load_parallel(args):
     if args.tp < 1:
         raise LlamaforgeError(f"--tp must be >= 1, got {args.tp}")
-    if args.quantize in ("int8", "int4") or args.adapter or args.compile or args.decode not in (None, "eager"):
-        raise LlamaforgeError("--tp runs float weights with eager decode steps: drop --quantize int8/int4, --adapter, "
-                              "--compile and --decode (a GGUF file's blocks are dequantized slice by slice)")
+    if args.adapter or args.compile or args.decode not in (None, "eager"):
+        raise LlamaforgeError("--tp runs eager decode steps without adapters: drop --adapter, --compile and --decode")
     from ..parallel import load_parallel
-    return load_parallel(args.model, args.tp, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device)
+    return load_parallel(args.model, args.tp, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
+                         quantize=args.quantize)
 
 
 def write(text: str) -> None:
