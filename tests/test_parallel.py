@@ -3,6 +3,7 @@
 Each distributed test spawns its ranks once (torch.multiprocessing, an env:// rendezvous on a free
 port) and checks several things in them, since starting a process costs seconds.
 """
+import copy
 import os
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import SamplingConfig, generate
 from llamaforge.model import Transformer
 from llamaforge.parallel import check_divisible, shard_of, vocab_rows
-from llamaforge.quantize import weight_bytes
+from llamaforge.quantize import Int8Linear, weight_bytes
 
 WORLD = 2
 IDS = [[5, 17, 300, 42, 7, 99, 3, 250, 11], [8, 1, 2, 400, 9, 64, 77, 31, 0]]
@@ -127,6 +128,13 @@ def _sources_ranks(rank, world, paths):
             if key == "q4":
                 out["q4_types"] = sorted({type(m).__name__ for m in net.layers.modules() if "Linear" in type(m).__name__})
                 out["q4_bytes"] = _projection_bytes(net)
+        fmt, path = resolve(paths["hf"])  # --quantize int8 under TP: each rank quantizes its float slices
+        cfg, source, embed = open_source(fmt, path, rank, world)
+        with torch.device("meta"):
+            net = Transformer(cfg)
+        parallelize(net, rank, world, source, embed, torch.float32, "cpu", "int8")
+        out["hf_int8"] = (sorted({type(m).__name__ for m in net.layers.modules() if "Linear" in type(m).__name__}),
+                          net(torch.tensor(IDS)))
     llm = load_parallel(paths["meta2"], world)
     if llm is None:  # a follower: rank 0 has closed the group
         return out
@@ -184,6 +192,13 @@ def test_checkpoints_load_each_rank_its_slice(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(IDS))
         ref_gen = greedy(model, IDS[0])
+        q8_model = copy.deepcopy(model)  # quantize_model's projections (it also makes int8 tables, which TP does not)
+        for block in q8_model.layers:
+            for parent in (block.attention, block.feed_forward):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        parent.add_module(name, Int8Linear.from_float(child.weight.detach()))
+        q8 = q8_model(torch.tensor(IDS))
     q4_model = tiny_model(seed=3, hidden_dim=192)  # 96 FFN columns per rank: whole blocks of 32
     write_gguf(tmp_path / "q4.gguf", q4_model.config, {k: v.detach() for k, v in q4_model.state_dict().items()}, qtype="q4_0")
     q4_ref = llamaforge.load(tmp_path / "q4.gguf", device="cpu")  # one process, its blocks kept quantized (int4 layers)
@@ -212,6 +227,8 @@ def test_checkpoints_load_each_rank_its_slice(tmp_path):
         assert (r["q4"][1] - q4).abs().max() < (q4 - fp32).abs().max()
         assert r["q4_types"] == ["Int4Linear"] and r["q4_bytes"] == q4_full // 2
         assert r["meta2"][0] == "dim" and r["meta2rows"][0] == "vocab" and r["hf"][0] == "vocab"
+        types, logits = r["hf_int8"]  # as one process's int8 projections, within their bf16 rounding (as for q4 below)
+        assert types == ["Int8Linear"] and (logits - q8).abs().max() < (q8 - ref).abs().max()
     assert (r0["leader_logits"] - ref[0]).abs().max() < 1e-5
     assert r0["leader_gen"] == ref_gen
     assert (r0["leader_output"] - model.output(torch.ones(1, 64))).abs().max() < 1e-5
