@@ -14,7 +14,7 @@ Each rank reads only its slice of the checkpoint: Meta `consolidated.NN.pth` sha
 when there are N of them (other counts are re-sliced from the memory-mapped shards), safetensors
 tensors are read at their offsets (rows, or columns a block of rows at a time), GGUF tensors are
 sliced in the mapped file in whole quantization blocks, then repacked into int4/int8 layers (the
-default, as `load()` does) or dequantized. The embedding and output are float on every rank.
+default, as `load()` does) or dequantized; the embedding and output are then int8 tables.
 
 Running: rank 0 runs the command (stdin, HTTP, tokenizer, sampling) with a `Leader` in place of its
 model, which broadcasts each model call (forward, output, setup_caches, copy_cache) to the other
@@ -112,18 +112,17 @@ def shard_of(name: str, cfg: ModelConfig, rank: int, world: int, embed: str = "v
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Vocabulary rows [start, start + n) (zero-padded to `vocab_rows`): ids outside them look up zeros,
-    and the ranks' sum is the embedding (Megatron `VocabParallelEmbedding`)."""
+    """Vocabulary rows [start, start + n) of the table `lookup` (an nn.Embedding, or an int8 table): ids
+    outside them look up zeros, and the ranks' sum is the embedding (Megatron `VocabParallelEmbedding`)."""
 
-    def __init__(self, weight: torch.Tensor, start: int, n: int):
+    def __init__(self, lookup: nn.Module, start: int, n: int):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.start, self.n = start, n
+        self.lookup, self.start, self.n = lookup, start, n
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         own = (local >= 0) & (local < self.n)
-        x = F.embedding(local.clamp(0, self.weight.size(0) - 1), self.weight)  # (B, T, dim)
+        x = self.lookup(local.clamp(0, max(self.n - 1, 0)))  # (B, T, dim)
         x = x.masked_fill(~own[..., None], 0)
         dist.all_reduce(x)
         return x
@@ -237,6 +236,11 @@ class GGUFSource:
                 raw, shape = raw[:, s // bs * ts:(s + n) // bs * ts].contiguous(), (shape[0], n)
         return t, raw, shape
 
+    def quantized(self, name: str) -> bool:
+        """Whether the file stores `name` in quantized blocks (so that 'auto' keeps it quantized)."""
+        from .gguf import map_name
+        return self.gf.tensors[map_name(name, to_gguf=True)].qtype.name not in ("F32", "F16", "BF16")
+
     def read(self, name: str, shard) -> torch.Tensor:
         from .gguf import dequantize
         t, raw, shape = self._raw(name, shard)
@@ -324,21 +328,33 @@ def _local_config(cfg: ModelConfig, world: int) -> ModelConfig:
     return local
 
 
-def _split_vocab(model: Transformer, read, rank: int, world: int, embed: str) -> None:
-    """The embedding and output as this rank's vocab rows (padded to `vocab_rows`), or the embedding's
-    columns with embed='dim'; the output all-gathers its logits."""
+def _split_vocab(model: Transformer, read, rank: int, world: int, embed: str, int8: bool) -> None:
+    """The embedding and output as this rank's vocab rows (padded to `vocab_rows`), float or, with `int8`,
+    one int8 table (as quantize_embeddings makes for one process); or the embedding's columns with
+    embed='dim' (float). The output all-gathers its logits."""
+    from .quantize import OUTPUT_REFINE, Int8Embedding, Int8Linear
     cfg, rows = model.config, vocab_rows(model.config.vocab_size, world)
 
     def pad(w: torch.Tensor) -> torch.Tensor:  # the last rank's rows, when N does not divide the vocabulary
         return torch.cat([w, w.new_zeros(rows - w.size(0), cfg.dim)]) if w.size(0) < rows else w
     if embed == "dim":
-        model.tok_embeddings = DimParallelEmbedding(read("tok_embeddings.weight"))
+        model.tok_embeddings, int8 = DimParallelEmbedding(read("tok_embeddings.weight")), False
     else:
         _, start, n = shard_of("tok_embeddings.weight", cfg, rank, world)
-        model.tok_embeddings = VocabParallelEmbedding(pad(read("tok_embeddings.weight")), start, n)
-    out = model.tok_embeddings.weight if cfg.tie_embeddings else nn.Parameter(pad(read("output.weight")), requires_grad=False)
-    model.output = nn.Linear(cfg.dim, out.size(0), bias=False, device="meta")
-    model.output.weight = out
+        w = pad(read("tok_embeddings.weight"))
+        lookup = Int8Embedding(Int8Linear.from_float(w.float())) if int8 else nn.Embedding.from_pretrained(w)
+        model.tok_embeddings = VocabParallelEmbedding(lookup, start, n)
+    if cfg.tie_embeddings:
+        out = model.tok_embeddings.lookup.table if int8 else model.tok_embeddings.lookup.weight
+    else:
+        w = pad(read("output.weight"))
+        out = Int8Linear.from_float(w.float()) if int8 else nn.Parameter(w, requires_grad=False)
+    if int8:
+        model.output = out
+        out.refine = OUTPUT_REFINE  # each rank recomputes its own best logits in fp32
+    else:
+        model.output = nn.Linear(cfg.dim, out.size(0), bias=False, device="meta")
+        model.output.weight = out
     vocab = cfg.vocab_size
     model.output.register_forward_hook(lambda m, i, y: all_gather_last(y, vocab))
 
@@ -366,7 +382,8 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
 
     quantize: 'none' keeps float projections; 'int8' / 'int4' quantize each rank's slices (as
     quantize_model does a whole model's); 'auto' repacks a GGUF file's quantized blocks slice by slice
-    (as `load()` does) and keeps float checkpoints float. The embedding and output stay float."""
+    (as `load()` does) and keeps float checkpoints float. With quantized projections the embedding and
+    output become one int8 table per rank, as in one process."""
     from .weights import expected_shapes
     cfg = model.config
     if getattr(model, "tp_world", 1) > 1:
@@ -425,7 +442,9 @@ def parallelize(model: Transformer, rank: int, world: int, source=None, embed: s
         layer.attention.register_forward_hook(_all_reduce_hook)
         layer.feed_forward.register_forward_hook(_all_reduce_hook)
 
-    _split_vocab(model, read, rank, world, embed)
+    quantized = getattr(source, "quantized", lambda name: False)  # GGUF: is it stored in blocks?
+    int8_tables = quantize in ("int8", "int4") or (quantize == "auto" and quantized("tok_embeddings.weight"))
+    _split_vocab(model, read, rank, world, embed, int8_tables)
     model.config = _local_config(cfg, world)
     model.tp_rank, model.tp_world, model.full_config = rank, world, cfg
     return model.eval()

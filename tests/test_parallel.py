@@ -21,7 +21,7 @@ from llamaforge.errors import LlamaforgeError
 from llamaforge.generate import SamplingConfig, generate
 from llamaforge.model import Transformer
 from llamaforge.parallel import check_divisible, shard_of, vocab_rows
-from llamaforge.quantize import Int8Linear, weight_bytes
+from llamaforge.quantize import quantize_model, weight_bytes
 
 WORLD = 2
 IDS = [[5, 17, 300, 42, 7, 99, 3, 250, 11], [8, 1, 2, 400, 9, 64, 77, 31, 0]]
@@ -128,6 +128,7 @@ def _sources_ranks(rank, world, paths):
             if key == "q4":
                 out["q4_types"] = sorted({type(m).__name__ for m in net.layers.modules() if "Linear" in type(m).__name__})
                 out["q4_bytes"] = _projection_bytes(net)
+                out["q4_table"] = type(net.tok_embeddings.lookup).__name__, type(net.output).__name__
         fmt, path = resolve(paths["hf"])  # --quantize int8 under TP: each rank quantizes its float slices
         cfg, source, embed = open_source(fmt, path, rank, world)
         with torch.device("meta"):
@@ -173,7 +174,6 @@ def test_meta_shards_round_trip(tmp_path):
 
 
 def test_checkpoints_load_each_rank_its_slice(tmp_path):
-    from llamaforge.gguf import GGUFFile
     from llamaforge.gguf_writer import write_gguf
     from llamaforge.weights import save_hf, save_meta
     model = tiny_model(seed=1)
@@ -192,20 +192,11 @@ def test_checkpoints_load_each_rank_its_slice(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(IDS))
         ref_gen = greedy(model, IDS[0])
-        q8_model = copy.deepcopy(model)  # quantize_model's projections (it also makes int8 tables, which TP does not)
-        for block in q8_model.layers:
-            for parent in (block.attention, block.feed_forward):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        parent.add_module(name, Int8Linear.from_float(child.weight.detach()))
+        q8_model = quantize_model(copy.deepcopy(model), "int8")  # int8 projections and one int8 table
         q8 = q8_model(torch.tensor(IDS))
     q4_model = tiny_model(seed=3, hidden_dim=192)  # 96 FFN columns per rank: whole blocks of 32
     write_gguf(tmp_path / "q4.gguf", q4_model.config, {k: v.detach() for k, v in q4_model.state_dict().items()}, qtype="q4_0")
     q4_ref = llamaforge.load(tmp_path / "q4.gguf", device="cpu")  # one process, its blocks kept quantized (int4 layers)
-    gf = GGUFFile(tmp_path / "q4.gguf")  # with the float embedding and output that the ranks keep (not the int8 tables)
-    q4_ref.model.tok_embeddings = torch.nn.Embedding.from_pretrained(gf.tensor("token_embd.weight"))
-    q4_ref.model.output = torch.nn.Linear(64, 512, bias=False)
-    q4_ref.model.output.weight.data = gf.tensor("output.weight")
     q4_full = _projection_bytes(q4_ref.model)
     q4_fp32 = llamaforge.load(tmp_path / "q4.gguf", device="cpu", quantize="none")
     r0, r1 = run_ranks(_sources_ranks, {**{k: str(v) for k, v in paths.items()}, "big": str(tmp_path / "big"),
@@ -226,8 +217,9 @@ def test_checkpoints_load_each_rank_its_slice(tmp_path):
         fp32 = torch.stack([q4_fp32.logits(ids) for ids in IDS])
         assert (r["q4"][1] - q4).abs().max() < (q4 - fp32).abs().max()
         assert r["q4_types"] == ["Int4Linear"] and r["q4_bytes"] == q4_full // 2
+        assert r["q4_table"] == ("Int8Embedding", "Int8Linear")  # the embedding and output: int8 tables, as in one process
         assert r["meta2"][0] == "dim" and r["meta2rows"][0] == "vocab" and r["hf"][0] == "vocab"
-        types, logits = r["hf_int8"]  # as one process's int8 projections, within their bf16 rounding (as for q4 below)
+        types, logits = r["hf_int8"]  # as one process's quantize_model(int8), within its bf16 rounding (as for q4 below)
         assert types == ["Int8Linear"] and (logits - q8).abs().max() < (q8 - ref).abs().max()
     assert (r0["leader_logits"] - ref[0]).abs().max() < 1e-5
     assert r0["leader_gen"] == ref_gen
