@@ -77,7 +77,7 @@ def sampling_kwargs(args) -> dict:
     return {k: v for k, v in config_kwargs(args, SamplingConfig).items() if v is not None}
 
 
-def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True) -> None:
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, tp: bool = False) -> None:
     if positional:
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
     else:
@@ -91,6 +91,9 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     p.add_argument("--decode", default=None, choices=["eager", "trace", "compile"],
                    help="how decode steps run: eager (default), trace (1.4x faster on CPU, ~50-80 MB per trace kept), compile")
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
+    if tp:
+        p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes: "
+                       "torchrun --nproc_per_node N -m llamaforge ... --tp N (see docs/parallel.md)")
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
 
@@ -109,9 +112,12 @@ def set_threads(args) -> None:
 
 
 def load_llm(args):
-    """The model the flags of `add_model_flags` name, with its decode mode."""
+    """The model the flags of `add_model_flags` name, with its decode mode. With --tp N, ranks > 0 follow
+    rank 0's model calls here and get None when it is done (parallel.load_parallel)."""
     from ..llm import load
     set_threads(args)
+    if getattr(args, "tp", 1) != 1:
+        return _load_parallel(args)
     llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
                quantize=getattr(args, "quantize", "auto"), adapter=getattr(args, "adapter", None))
     if getattr(args, "compile", False):
@@ -119,6 +125,16 @@ def load_llm(args):
     elif getattr(args, "decode", None):
         llm.set_decode(args.decode)
     return llm
+
+
+def _load_parallel(args):
+    if args.tp < 1:
+        raise LlamaforgeError(f"--tp must be >= 1, got {args.tp}")
+    if args.adapter or args.compile or args.decode not in (None, "eager"):
+        raise LlamaforgeError("--tp runs eager decode steps without adapters: drop --adapter, --compile and --decode")
+    from ..parallel import load_parallel
+    return load_parallel(args.model, args.tp, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
+                         quantize=args.quantize)
 
 
 def write(text: str) -> None:
