@@ -32,7 +32,8 @@ def cmd_generate(args) -> None:
     write("\n")
     if args.verbose:
         dt = time.perf_counter() - t0
-        print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s]", file=sys.stderr)
+        from .. import threads
+        print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s; cpu: {threads.describe()}]", file=sys.stderr)
 
 
 def _stdin():
