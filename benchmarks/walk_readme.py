@@ -8,7 +8,7 @@ stopped, and the inputs the README assumes (texts/, cc/, books/, train.jsonl, te
 docs/...) are made first from the packages `make chat` installs. Commands that need what this machine
 cannot have (8 GPUs, a llama.cpp build) or that install packages are reported as skipped.
 
-    python benchmarks/walk_readme.py [--readme README.md] [--work /tmp/walk] [--only SUBSTRING] [--json out.json]
+    python benchmarks/walk_readme.py [--readme README.md] [--work /tmp/walk] [--only SUBSTRING] [--skip N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -162,6 +162,7 @@ def main() -> int:
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--work", default="/tmp/llamaforge-walk")
     ap.add_argument("--only", default=None, help="run only the commands containing this text")
+    ap.add_argument("--skip", type=int, default=0, help="start after the first N commands (to split a walk in two)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     work = Path(args.work).resolve()
@@ -169,7 +170,7 @@ def main() -> int:
     env = dict(os.environ, PATH=f"{work / 'bin'}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), KEY="walk-key",
                PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     results = []
-    for kind, text in commands(Path(args.readme)):
+    for kind, text in commands(Path(args.readme))[args.skip:]:
         if args.only and args.only not in text:
             continue
         if re.search(r"\bhf_dir/", text) and not (work / "hf_dir").exists() and (work / "out" / "smol-hf").exists():
