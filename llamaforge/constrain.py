@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 import torch
 
-from .errors import LlamaforgeError
+from .errors import LlamaforgeError, require
 from .tokenizer import bytes_to_unicode
 
 # OpenAI's strict JSON looks like json.dumps' default: ", " and ": ", no newlines. Fixed separators
@@ -45,12 +45,7 @@ _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _llguidance():
-    try:
-        import llguidance
-    except ImportError:
-        raise LlamaforgeError("structured output needs the llguidance package (a llamaforge dependency): "
-                              "pip install llguidance") from None
-    return llguidance
+    return require("llguidance", "structured output")
 
 
 # ---- the vocabulary as bytes ----

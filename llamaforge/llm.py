@@ -63,6 +63,23 @@ def resolve(model: str | Path) -> tuple[str, Path]:
     raise LlamaforgeError(f"unknown model {name!r}: pass a file or directory, or one of: {', '.join(CONFIGS)}")
 
 
+def model_names(model: str | Path, cfg: ModelConfig | None = None) -> tuple[str, list[str]]:
+    """-> (id, aliases): the one id a model goes by (the name passed, when it is a named model; else the
+    file's or directory's stem), and the other names a client may use for it: the name or path as given,
+    the file name, the GGUF's own name (`general.name`) and the named configs of the same shape."""
+    given = str(model)
+    p = Path(given).expanduser()
+    ident = given if not p.exists() else (p.name if p.is_dir() else p.stem)
+    aliases = [given, p.name] if p.exists() else []
+    if given in PACKAGED:
+        aliases.append(PACKAGED[given][1])
+    if cfg is not None:
+        from .config import matching_configs
+        aliases += [cfg.name] + matching_configs(cfg)
+        aliases += [CONFIGS[n]["hf_id"] for n in matching_configs(cfg) if CONFIGS[n].get("hf_id")]
+    return ident, [a for a in dict.fromkeys(aliases) if a and a != ident]
+
+
 @dataclass
 class LoadedWeights:
     format: str
@@ -278,13 +295,16 @@ QUANTIZE_MODES = ("auto", "none", "int8", "int4")
 
 def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = None, chat_format: str | None = None,
          device: str | None = None, dtype: torch.dtype | None = None, quantize: str = "auto",
-         group_size: int = 32, adapter: str | Path | None = None) -> LLM:
+         group_size: int = 32, adapter: str | Path | None = None, threads: int | None = None) -> LLM:
     """Load a named model, GGUF file, HF directory or Meta directory.
 
     quantize: 'auto' keeps GGUF weights quantized in memory (int4/int8, never a full fp32 copy) and
     float checkpoints in float; 'none' dequantizes everything to `dtype`; 'int8' / 'int4' quantize.
     adapter: a LoRA adapter directory (`llamaforge finetune` output or PEFT layout) to apply; it is
-    merged into float weights (no cost per token) and kept beside quantized ones (QLoRA)."""
+    merged into float weights (no cost per token) and kept beside quantized ones (QLoRA).
+    threads: CPU threads; None keeps what this process already chose, else the free cores (threads.py)."""
+    from . import threads as _threads
+    _threads.use(threads)
     if quantize not in QUANTIZE_MODES:
         raise LlamaforgeError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

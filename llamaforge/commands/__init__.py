@@ -10,25 +10,26 @@ import argparse
 import os
 import sys
 
-from ..errors import LlamaforgeError
+from ..errors import LlamaforgeError, missing
 from . import account, align, evaluate, rag, run, serve, train
 
 GROUPS = (run, train, align, evaluate, serve, rag, account)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llamaforge", description="Run, quantize, pretrain, fine-tune, serve and evaluate "
-                                "LLaMA-family models on a CPU or a GPU.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from .. import __version__
+    p = argparse.ArgumentParser(prog="llamaforge", description="Run, quantize, pretrain, fine-tune, serve and evaluate LLaMA-family models "
+                                "on a CPU or a GPU.")
+    p.add_argument("--version", action="version", version=f"llamaforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for group in GROUPS:
         group.add_commands(sub)
+    p.epilog = "`llamaforge COMMAND --help` for a command's flags; docs in README.md and docs/."
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "convert" and args.dtype is None:
-        args.dtype = "f32" if args.to == "hf" else "f16"
     func = args.func
     if getattr(args, "tp", 1) > 1 and os.environ.get("RANK", "0") != "0":  # ranks > 0 load their slice and follow rank 0
         from .common import load_llm as func
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"llamaforge: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional dependency: the command that installs it, not a traceback
+        if os.environ.get("LLAMAFORGE_DEBUG"):
+            raise
+        print(f"llamaforge: error: {missing(e, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

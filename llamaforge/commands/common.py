@@ -27,6 +27,8 @@ SAMPLING_HELP = {
     "stop": "stop when this string appears (repeatable)",
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# One spelling per idea across commands: every output is --out/-o (--output kept), every model -m.
+ALIASES = {"out": ("-o",), "output": ("--out", "-o"), "model": ("-m",)}
 
 
 def _flag_type(f: dataclasses.Field) -> str:
@@ -44,6 +46,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, help: dict[str, str] | Non
         if f.name in skip or not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = (flag, *(a for a in ALIASES.get(f.name, ()) if a not in p._option_string_actions))
         text = f.metadata.get("help") or (help or {}).get(f.name, "")
         default = None if optional else f.default
         if default is dataclasses.MISSING:
@@ -51,13 +54,13 @@ def add_config_flags(p: argparse.ArgumentParser, cls, help: dict[str, str] | Non
         shown = f.default if f.default is not dataclasses.MISSING else default
         kind = _flag_type(f)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif kind == "list":
-            p.add_argument(flag, action="append", default=None, help=text)
+            p.add_argument(*flags, action="append", default=None, help=text)
         else:
             extra = {"choices": (choices or {})[f.name]} if f.name in (choices or {}) else {}
             suffix = "" if shown in (None, "", [], dataclasses.MISSING) else f" (default: {shown})"
-            p.add_argument(flag, type=_TYPES.get(kind, str), default=default, help=text + suffix, **extra)
+            p.add_argument(*flags, type=_TYPES.get(kind, str), default=default, help=text + suffix, **extra)
 
 
 def config_kwargs(args, cls) -> dict:
@@ -78,10 +81,11 @@ def sampling_kwargs(args) -> dict:
 
 
 def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, tp: bool = False) -> None:
+    """--model/-m (and with `positional`, the same as an optional first argument, the older spelling)."""
     if positional:
-        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
-    else:
-        p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"named model, GGUF file, HF or Meta directory (default: {DEFAULT_MODEL})")
+        p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    p.add_argument("--model", "-m", default=None if positional else DEFAULT_MODEL,
+                   help=f"named model, GGUF file, HF or Meta directory (default: {DEFAULT_MODEL}; `llamaforge models` lists them)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model to use instead of the model's own")
     p.add_argument("--chat-format", default=None, choices=["template", "chatml", "llama2", "llama3"], help="override the chat format")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -98,24 +102,39 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
 
 
+def positional_or_flag(args, positional: str, flag: str, name: str, default=None):
+    """The value given as a positional argument (the older spelling) or as a flag, not both differently."""
+    a, b = getattr(args, positional, None), getattr(args, flag, None)
+    if a is not None and b is not None and a != b:
+        raise LlamaforgeError(f"two {name}s given ({a!r} and {b!r}): pass one")
+    value = a if a is not None else b if b is not None else default
+    setattr(args, flag, value)
+    return value
+
+
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", "-t", type=int, default=None,
+                   help="CPU threads (default: the cores not busy with other work, at most 8; the choice is printed)")
 
 
-def set_threads(args) -> None:
+def set_threads(args, quiet: bool = False) -> str:
+    """Apply --threads, or choose from the free cores (threads.py); say what was chosen on stderr. -> the description."""
+    from .. import threads
     n = getattr(args, "threads", None)
-    if n is not None:
-        if n < 1:
-            raise LlamaforgeError(f"--threads must be >= 1, got {n}")
-        import torch
-        torch.set_num_threads(n)
+    if n is not None and n < 1:
+        raise LlamaforgeError(f"--threads must be >= 1, got {n}")
+    threads.use(n)
+    text = threads.describe()
+    if not quiet and n is None:
+        print(f"[cpu: {text}; --threads N to change]", file=sys.stderr)
+    return text
 
 
-def load_llm(args):
-    """The model the flags of `add_model_flags` name, with its decode mode. With --tp N, ranks > 0 follow
-    rank 0's model calls here and get None when it is done (parallel.load_parallel)."""
+def load_llm(args, announce: bool = False):
+    """The model the flags of `add_model_flags` name, with its decode mode. `announce`: print the thread choice.
+    With --tp N, ranks > 0 follow rank 0's model calls here and get None when it is done (parallel.load_parallel)."""
     from ..llm import load
-    set_threads(args)
+    set_threads(args, quiet=not announce)
     if getattr(args, "tp", 1) != 1:
         return _load_parallel(args)
     llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,

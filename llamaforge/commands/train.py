@@ -39,7 +39,7 @@ def cmd_pretrain(args) -> None:
     import torch
 
     from ..training.pretrain import TrainConfig, train
-    set_threads(args)
+    set_threads(args, quiet=True)  # the run's header line says what was chosen
     tc = config_from_args(args, TrainConfig)
     try:
         report = train(tc)
@@ -51,7 +51,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_finetune(args, dpo: bool) -> None:
     from ..training.finetune import DPOConfig, FinetuneConfig, finetune
-    set_threads(args)
+    set_threads(args, quiet=True)  # the run's header line says what was chosen
     fc = config_from_args(args, DPOConfig if dpo else FinetuneConfig)
     _exit_if_signalled(finetune(fc, dpo=dpo))
 

@@ -74,7 +74,7 @@ class EvalConfig:
 
 HELP = {
     "tasks": f"comma-separated tasks (default: the paper's eight); known: {', '.join(TASKS)}",
-    "limit": "first N items of each task (MMLU: of each subject; default: all)",
+    "limit": "first N items of each task (MMLU: N in all, spread over its subjects; default: all)",
     "num_fewshot": "examples before each item (default: the paper's, 5 for MMLU and 0 otherwise)",
     "batch_size": "most items per forward pass (default: as many as --batch-tokens allows)",
     "batch_tokens": "most padded tokens per forward pass",
@@ -167,14 +167,19 @@ def run_mc(llm, task: Task, docs: list[Doc], cfg: EvalConfig) -> tuple[dict, lis
     groups: dict[str, list] = {}
     for it in items:
         groups.setdefault(it[1].group, []).append(it)
-    bar = Progress(len(items) + len(uncond), task.name, cfg.progress)
+    bar = Progress(len(items), task.name, cfg.progress)  # items, each with all of its choices
     scores = {}
     for group in groups.values():  # MMLU: one call per subject, so its 5-shot prefix is shared
         out = score_groups(llm.model, [r for _, _, r in group], cfg.batch_tokens, cfg.batch_size, bar.update)
         scores.update({i: s for (i, _, _), s in zip(group, out)})
-    keys = list(uncond)
-    base = dict(zip(keys, score_groups(llm.model, [uncond[k] for k in keys], cfg.batch_tokens, cfg.batch_size, bar.update))) if keys else {}
     bar.close()
+    keys = list(uncond)
+    base = {}
+    if keys:  # the answers alone, once per distinct set (acc_uncond's denominators)
+        ubar = Progress(len(keys), f"{task.name} answers alone", cfg.progress)
+        base = dict(zip(keys, score_groups(llm.model, [uncond[k] for k in keys], cfg.batch_tokens, cfg.batch_size, ubar.update)))
+        ubar.close()
+        bar.tokens += ubar.tokens
     samples, hits = [], {m: 0 for m in task.metrics}
     for i, doc, _ in items:
         s = scores[i]
@@ -225,7 +230,7 @@ def run_gen(llm, task: Task, docs: list[Doc], cfg: EvalConfig) -> tuple[dict, li
         answer = cut_answer(text)
         ok = exact_match(answer, doc.answers)
         hits += ok
-        samples.append({"doc": i, "question": doc.question, "generated": text, "answer": answer, "em": ok})
+        samples.append({"doc": i, "question": doc.question, "generated": text, "answer": answer, "gold": doc.answers, "em": ok})
     n = len(items)
     res = {"em": hits / n if n else float("nan")}
     res.update(em_stderr=stderr_of(res["em"], n), n=n, skipped=skipped, tokens=bar.tokens,

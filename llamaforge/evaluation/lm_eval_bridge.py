@@ -18,10 +18,15 @@ model's window are cut on the left, as lm-eval's HF model does, and counted in a
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from ..errors import require
+
+require("lm_eval", "the lm-eval bridge")
+from lm_eval.api.model import TemplateLM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +165,16 @@ class LlamaforgeLM(TemplateLM):
             self.truncated = 0
 
 
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"  # the LLaMA paper's tasks on offline data, lm-eval's prompts
+
+
 def main() -> None:
-    """lm-eval's CLI, with the `llamaforge` model type registered."""
+    """lm-eval's CLI, with the `llamaforge` model type registered and, unless --include_path says
+    otherwise, our offline task configs (they take precedence over lm-eval's own, which reach for the Hub)."""
     from lm_eval.__main__ import cli_evaluate
+    if "--include_path" not in sys.argv and any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in sys.argv):
+        sys.argv += ["--include_path", str(TASKS_DIR)]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     sys.exit(cli_evaluate())
 
 

@@ -50,3 +50,42 @@ def perplexity(llm, ids: list[int], window: int | None = None, stride: int | Non
     mean = nll / scored
     return {"tokens": scored, "nll": mean, "ppl": math.exp(mean), "window": window, "stride": stride,
             "seconds": round(secs, 3), "tokens_per_s": round(scored / secs, 1)}
+
+
+# A fixed, varied English sample (prose, a list, numbers, a little code) for `quantize`'s quality check:
+# the same text every time, so the figures of two quantized files compare.
+CHECK_TEXT = """The river rises in the hills north of the town and runs south for forty miles before it reaches the sea.
+In the spring, when the snow melts, it floods the low meadows along its banks, and the farmers move their
+sheep to higher ground. The old stone bridge, built in 1742, has survived every flood so far.
+
+To make bread you need flour, water, salt and yeast. Mix them into a dough, knead it for ten minutes, let it
+rise for an hour, shape it, let it rise again, and bake it at 220 degrees Celsius for about thirty minutes.
+
+Question: What is the capital of France?
+Answer: The capital of France is Paris, which is also its largest city.
+
+def mean(values):
+    return sum(values) / len(values)
+
+The committee met on Tuesday to review the budget. Spending on roads rose by 4 percent, while the library
+received a small increase to extend its opening hours on weekends. A decision on the new school was delayed."""
+
+
+@torch.no_grad()
+def compare(reference, candidate, ids: list[int]) -> dict:
+    """How far `candidate`'s next-token distributions are from `reference`'s on `ids` (two models, one
+    tokenizer): both perplexities, the change, mean and max KL(reference || candidate) per token, and how
+    often their top tokens agree. Both are called as `model(ids)` -> (1, T, vocab) logits."""
+    x = torch.tensor([ids])
+    lp_ref = torch.log_softmax(reference(x.to(_device(reference)))[0].float().cpu(), -1)[:-1]  # (T-1, vocab)
+    lp_new = torch.log_softmax(candidate(x.to(_device(candidate)))[0].float().cpu(), -1)[:-1]
+    y = x[0, 1:, None]
+    nll_ref, nll_new = -lp_ref.gather(-1, y).mean().item(), -lp_new.gather(-1, y).mean().item()
+    kl = (lp_ref.exp() * (lp_ref - lp_new)).sum(-1)  # (T-1,)
+    return {"tokens": len(ids) - 1, "ppl_reference": math.exp(nll_ref), "ppl": math.exp(nll_new),
+            "ppl_change": math.exp(nll_new - nll_ref) - 1, "kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+            "top1_agree": (lp_ref.argmax(-1) == lp_new.argmax(-1)).float().mean().item()}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

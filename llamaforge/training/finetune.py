@@ -33,18 +33,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import accounting
+from .. import accounting, threads
 from ..errors import LlamaforgeError
 from ..llm import DEFAULT_MODEL
 from .loop import IGNORE, Loop, LoopConfig, _f, autocast_for, count_targets, make_optimizer, run_loop, with_defaults
 from .sft_data import PairBatches, SFTBatches, encode_pref, encode_sft, load_examples
 
 METHODS = ("full", "lora", "qlora")
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}  # QLoRA paper (7B-13B), common full fine-tuning rate
+# Models under SMALL_MODEL parameters take 5x those (the handbook demo, 135M: LoRA at 2e-4 reached validation loss
+# 1.41 after 50 steps, at 1e-3 0.39; bench_finetune uses 1e-3 LoRA / 1e-4 full).
+SMALL_MODEL, SMALL_LR_FACTOR = 1e9, 5.0
+
+
+def default_lr(method: str, n_params: int, dpo: bool = False) -> float:
+    """The peak learning rate when --lr is 0: by method and model size; DPO a tenth of it."""
+    lr = DEFAULT_LR[method] * (SMALL_LR_FACTOR if n_params < SMALL_MODEL else 1.0)
+    return lr / (10 if dpo else 1)
 
 
 @dataclass
-@with_defaults(warmup_steps=10, weight_decay=0.0, beta2=0.999, eps=1e-8, ac="none", eval_every=50, ckpt_every=100,
+@with_defaults(weight_decay=0.0, beta2=0.999, eps=1e-8, ac="none", eval_every=50, ckpt_every=100,
                keep_checkpoints=2)
 class FinetuneConfig(LoopConfig):
     # what to train, on what
@@ -65,11 +74,49 @@ class FinetuneConfig(LoopConfig):
     seq_len: int = _f(0, "longest example in tokens (0: the model's context, at most 2048)")
     packing: bool = _f(False, "pack several examples into each row of --seq-len tokens")
     on_bad_line: str = _f("stop", "a malformed JSONL line: stop (before training) | skip (warn and go on)")
-    # schedule (the rest of LoopConfig's fields take the defaults in @with_defaults)
-    batch_size: int = _f(16, "sequences (rows) per optimizer step")
-    epochs: float = _f(3.0, "passes over the data (used when --max-steps is 0)")
+    # schedule (the rest of LoopConfig's fields take the defaults in @with_defaults); 0 / -1: chosen from the data
+    batch_size: int = _f(0, "sequences (rows) per optimizer step (0: auto, from 1 for tiny data to 16)")
+    epochs: float = _f(0.0, "passes over the data when --max-steps is 0 (0: auto, 3 for mid-sized data, more for "
+                            "small data so that it gets ~100 steps, fewer for large)")
     max_steps: int = _f(0, "optimizer steps (0: --epochs worth)")
-    lr: float = _f(0.0, "peak learning rate (0: 2e-4 for LoRA/QLoRA, 2e-5 for full; DPO: a tenth of that)")
+    warmup_steps: int = _f(-1, "linear warmup steps (-1: auto, a tenth of the steps, at most 100)")
+    lr: float = _f(0.0, "peak learning rate (0: 2e-4 for LoRA/QLoRA, 2e-5 for full, 5x that under 1B parameters; "
+                        "DPO: a tenth)")
+
+
+# "auto" schedule, as hosted fine-tuning services choose epochs from the data's size: small sets get
+# more passes (a 32-example set at 3 epochs and batch 16 gave 6 steps under a 10-step warmup and
+# learned nothing), large ones fewer (at most ~25k examples seen).
+AUTO_MIN_STEPS, AUTO_MAX_EPOCHS, AUTO_MAX_EXAMPLES_SEEN, AUTO_MAX_BATCH = 100, 10, 25_000, 16
+
+
+def plan_schedule(rows: int, fc: "FinetuneConfig") -> dict:
+    """batch_size, epochs, max_steps, warmup_steps for `rows` training rows: the ones `fc` gives, the
+    others chosen from the data ('auto'). -> a dict with those four and `auto` (the names chosen)."""
+    auto = []
+    batch = fc.batch_size
+    if batch <= 0:
+        batch, auto = 1, auto + ["batch"]  # the power of two nearest rows / 16, within 1..16
+        while batch * 2 <= min(AUTO_MAX_BATCH, rows // 16):
+            batch *= 2
+    steps_per_epoch = max(1, math.ceil(rows / batch))
+    epochs = fc.epochs
+    if fc.max_steps:
+        steps = fc.max_steps
+        epochs = steps * batch / max(rows, 1)
+    else:
+        if epochs <= 0:
+            auto.append("epochs")
+            epochs = 3.0
+            if epochs * steps_per_epoch < AUTO_MIN_STEPS:
+                epochs = float(min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
+            elif rows * epochs > AUTO_MAX_EXAMPLES_SEEN:
+                epochs = max(1.0, round(AUTO_MAX_EXAMPLES_SEEN / rows, 1))
+        steps = max(1, math.ceil(epochs * rows / batch))
+    warmup = fc.warmup_steps
+    if warmup < 0:
+        warmup, auto = min(100, steps // 10), auto + ["warmup"]
+    return {"batch_size": batch, "epochs": epochs, "max_steps": steps, "warmup_steps": min(warmup, steps - 1), "auto": auto}
 
 
 @dataclass
@@ -159,7 +206,7 @@ def _check(fc: FinetuneConfig, dpo: bool) -> None:
         raise LlamaforgeError(f"--on-bad-line must be stop or skip, got {fc.on_bad_line!r}")
     if fc.quantize not in ("int4", "int8"):
         raise LlamaforgeError(f"--quantize must be int4 or int8, got {fc.quantize!r}")
-    if fc.micro_batch_size < 1 or fc.batch_size % fc.micro_batch_size:
+    if fc.micro_batch_size < 1 or (fc.batch_size and fc.batch_size % fc.micro_batch_size):
         raise LlamaforgeError(f"--batch-size {fc.batch_size} must be a multiple of --micro-batch-size {fc.micro_batch_size}")
     if fc.seq_len < 0:
         raise LlamaforgeError(f"--seq-len must be >= 0, got {fc.seq_len}")
@@ -200,6 +247,7 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         raise LlamaforgeError(f"{run} already holds checkpoints: pass --resume to continue, or choose another --out")
     if ckpt is not None:
         before = json.loads((run / "finetune_config.json").read_text())
+        before = before.get("asked", before)  # the flags as given (auto ones unresolved)
         diff = {k: (before.get(k), getattr(fc, k)) for k in _RESUME_KEYS if before.get(k) != getattr(fc, k)}
         if diff:
             raise LlamaforgeError(f"{run} was started with other settings (then vs now: {diff}): resume with the same ones")
@@ -220,9 +268,13 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         batches = SFTBatches([e for ex in train_ex for e in ex], seq_len, pad, fc.seed, fc.packing)
         val = SFTBatches([e for ex in val_ex for e in ex], seq_len, pad) if val_ex else None
         loss_fn, count = sft_loss, count_targets
-    steps = fc.max_steps or max(1, math.ceil(fc.epochs * len(batches) / fc.batch_size))
-    lr = fc.lr or DEFAULT_LR[fc.method] / (10 if dpo else 1)
-    fc = dataclasses.replace(fc, max_steps=steps, lr=lr, warmup_steps=min(fc.warmup_steps, steps - 1))
+    asked, fc_lr = {k: getattr(fc, k) for k in _RESUME_KEYS}, fc.lr
+    plan = plan_schedule(len(batches), fc)
+    steps = plan["max_steps"]
+    lr = fc.lr or default_lr(fc.method, cfg.n_params, dpo)
+    mbs = math.gcd(plan["batch_size"], fc.micro_batch_size)  # an auto batch below --micro-batch-size
+    fc = dataclasses.replace(fc, max_steps=steps, lr=lr, warmup_steps=plan["warmup_steps"], batch_size=plan["batch_size"],
+                             epochs=plan["epochs"], micro_batch_size=mbs)
 
     torch.manual_seed(fc.seed)
     if lc is not None:
@@ -234,7 +286,8 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
     autocast, bf16 = autocast_for(fc.dtype, d.device)
 
     run.mkdir(parents=True, exist_ok=True)
-    (run / "finetune_config.json").write_text(json.dumps({**dataclasses.asdict(fc), "command": "dpo" if dpo else "finetune"},
+    (run / "finetune_config.json").write_text(json.dumps({**dataclasses.asdict(fc), "command": "dpo" if dpo else "finetune",
+                                                          "asked": asked},
                                                          indent=2) + "\n")
     peak = fc.peak_flops or accounting.measure_peak_flops(d.device, torch.bfloat16 if bf16 else torch.float32)
     state = {"step": 0, "tokens": 0, "wall_s": 0.0, "train_s": 0.0}
@@ -257,11 +310,14 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
     rows = len(batches) * (2 if dpo else 1)  # a preference pair is two rows
     fpt = accounting.finetune_flops_per_token(cfg, n_tok / rows, count_targets_all(batches) / n_tok, lc is None, dpo)
     print(f"{'dpo' if dpo else 'finetune'} {cfg.name or fc.model} ({fc.method}): {n_train:,} trainable of "
-          f"{cfg.n_params:,} parameters; loaded in {time.perf_counter() - t_load:.1f}s\n"
+          f"{cfg.n_params:,} parameters; loaded in {time.perf_counter() - t_load:.1f}s"
+          + (f"; cpu: {threads.describe()}" if d.device.type == "cpu" else "") + "\n"
           f"data: {len(train_ex)} {'pairs' if dpo else 'examples'} in {len(batches)} rows, {n_tok:,} tokens"
           + (f"; validation {len(val_ex)}" if val_ex else "")
-          + f"\n{steps} steps of {fc.batch_size} rows (~{steps * fc.batch_size / len(batches):.1f} epochs), lr {lr:.1e}, "
-          f"seq_len {seq_len}{', packed' if fc.packing and not dpo else ''}"
+          + f"\nplan: {steps} steps of {fc.batch_size} rows (~{steps * fc.batch_size / len(batches):.1f} epochs), "
+          f"warmup {fc.warmup_steps}, lr {lr:.1e}, seq_len {seq_len}{', packed' if fc.packing and not dpo else ''}"
+          + (f" ({', '.join(plan['auto'] + ([] if fc_lr else ['lr']))} chosen from the data's and model's size)"
+             if plan["auto"] or not fc_lr else "")
           + (f"\nresuming from {ckpt} (step {state['step']})" if ckpt else ""), file=sys.stderr)
 
     lp = Loop(model, opt, batches, fc.batch_size, d, autocast, run, save=save, evaluate=evaluate, fpt=fpt, peak=peak,

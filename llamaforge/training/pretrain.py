@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import accounting
+from .. import accounting, threads
 from ..config import CONFIGS, ModelConfig
 from ..errors import LlamaforgeError
 from .parallelize import all_reduce_sum
@@ -113,6 +113,27 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, d) -> torch.nn.Module:
 
 
 
+def suggest_batch(corpus_tokens: int, unit: int, target_steps: int = 100) -> int:
+    """The largest power-of-two multiple of `unit` (seq_len x micro-batch x processes) whose batch gives
+    at least `target_steps` optimizer steps per pass over the corpus; `unit` itself when none does."""
+    b = unit
+    while b * 2 * target_steps <= corpus_tokens:
+        b *= 2
+    return b
+
+
+def warn_batch(batch_tokens: int, corpus_tokens: int, unit: int, max_steps: int) -> str | None:
+    """A warning (printed, and returned) when one optimizer step would read more than the whole corpus."""
+    if corpus_tokens <= 0 or batch_tokens <= corpus_tokens:
+        return None
+    fit = suggest_batch(corpus_tokens, unit)
+    msg = (f"llamaforge: warning: one step's batch (--batch-tokens {batch_tokens:,}) is {batch_tokens / corpus_tokens:.1f} "
+           f"passes over the {corpus_tokens:,}-token corpus, so {max_steps} steps read it {max_steps * batch_tokens / corpus_tokens:,.0f} "
+           f"times; for data this size try --batch-tokens {fit:,} ({corpus_tokens // fit:,} steps per pass)")
+    print(msg, file=sys.stderr)
+    return msg
+
+
 def train(tc: TrainConfig, on_step=None) -> dict:
     """Pretrain from scratch (or `--resume`); returns the report. `on_step(step, record)` is a hook for tests."""
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -126,6 +147,8 @@ def train(tc: TrainConfig, on_step=None) -> dict:
         raise LlamaforgeError(f"--warmup-steps {tc.warmup_steps} must be below --max-steps {tc.max_steps} "
                               "(LLaMA warms up for 2000 of ~250k steps; short runs need a short warmup)")
     d = init_distributed(tc.device)
+    if d.device.type == "cpu":
+        threads.use()  # the free cores unless the caller (or --threads) chose
     run, data = Path(tc.out), Path(tc.data)
     meta = load_meta(data)
     tok = load_tokenizer_file(data / meta["tokenizer"])
@@ -135,6 +158,8 @@ def train(tc: TrainConfig, on_step=None) -> dict:
     if tc.batch_tokens % seq_len or n_seqs % per_step or n_seqs == 0:
         raise LlamaforgeError(f"--batch-tokens {tc.batch_tokens} must be a multiple of seq_len x micro_batch_size x processes "
                               f"= {seq_len} x {tc.micro_batch_size} x {d.world_size} = {seq_len * per_step}")
+    if d.is_main:
+        warn_batch(tc.batch_tokens, sum(s["n_train"] for s in meta["sources"]), seq_len * per_step, tc.max_steps)
     autocast, bf16 = autocast_for(tc.dtype, d.device)
     ckpt = latest_checkpoint(run)
     if ckpt is not None and not tc.resume:
@@ -165,6 +190,7 @@ def train(tc: TrainConfig, on_step=None) -> dict:
               f"{fpt / 1e6:.1f} MFLOP/token\nbatch {n_seqs} x {seq_len} = {n_seqs * seq_len:,} tokens = {tc.micro_batch_size} "
               f"x {d.world_size} processes x {n_seqs // per_step} accumulation steps; {'bf16' if bf16 else 'fp32'}, "
               f"ac {tc.ac}, compile {tc.compile}; peak {peak / 1e9:.0f} GFLOP/s per device"
+              + (f"; cpu: {threads.describe()}" if d.device.type == "cpu" else "")
               + (f"\nresuming from {ckpt} (step {state['step']})" if ckpt else ""), file=sys.stderr)
 
     lp = Loop(model, opt, batches, n_seqs, d, autocast, run,
