@@ -116,6 +116,7 @@ def cmd_chat(args) -> None:
             return
         if text == "/reset":
             history = list(system)
+            llm.reset()  # the conversation cache too: the next turn starts from an empty cache
             print("[history cleared]", file=sys.stderr)
             continue
         try:  # a line that cannot be answered (too long, refused by the template) is that line's error only
