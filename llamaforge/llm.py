@@ -17,7 +17,8 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, TextStream, TracedDecode, decode_one_token, decode_step, generate
+from .generate import (SamplingConfig, TextStream, TracedDecode, cache_length, decode_one_token, decode_step, generate,
+                       keep_cache)
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -215,14 +216,14 @@ class LLM:
             {"regex": regex} if regex is not None else {"lark": grammar}
         return compile_grammar(self._need_tokenizer(), **spec).constraint()
 
-    def stream_ids(self, ids: list[int], constraint=None, **sampling) -> Iterator[str]:
+    def stream_ids(self, ids: list[int], constraint=None, progress=None, **sampling) -> Iterator[str]:
         """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings (and where
         `constraint`'s grammar ends). The conversation cache skips the prompt's longest common prefix with
         the previous sequence (`prompt_cache`); `set_speculative` drafts."""
         tok = self._need_tokenizer()
         cfg = sampling_config(**sampling)
         text = TextStream(tok, cfg.stop)
-        for t in self.generate_ids(ids, cfg, tok.stop_ids, constraint):
+        for t in self.generate_ids(ids, cfg, tok.stop_ids, constraint, progress):
             if t in tok.stop_ids:
                 break
             piece = text.push(t)
@@ -234,10 +235,33 @@ class LLM:
         if piece:
             yield piece
 
-    def generate_ids(self, ids: list[int], cfg: SamplingConfig, stop_ids=frozenset(), constraint=None) -> Iterator[int]:
-        """`generate.generate` through the conversation cache: the cache row's tokens are recorded however
-        the consumer stops (all fed tokens: the prompt and the yielded ones but the last)."""
+    @torch.no_grad()
+    def prefill(self, ids: list[int], max_new_tokens: int = 256, chunk: int = 256, progress=None) -> int:
+        """Run `ids` but their last token into the conversation cache, `chunk` tokens per forward, calling
+        progress(done, total) after each; the next `generate_ids(ids)` then starts at once. -> tokens reused."""
         ids = list(ids)
+        past = self.cache.reusable(self.model, ids) if self.prompt_cache else 0
+        end = len(ids) - 1
+        if end <= past or len(ids) >= self.config.max_seq_len:
+            return past  # nothing to run, or too long: generate() says so
+        turn = self.cache.begin()
+        keep_cache(self.model, 1, cache_length(len(ids) + max_new_tokens, self.config.max_seq_len), past)
+        for a in range(past, end, chunk):
+            b = min(a + chunk, end)
+            self.model(torch.tensor([ids[a:b]], device=self.device), torch.arange(a, b, device=self.device), last_only=True)
+            self.cache.record(self.model, ids[:b], turn)
+            if progress is not None:
+                progress(b, end)
+        return past
+
+    def generate_ids(self, ids: list[int], cfg: SamplingConfig, stop_ids=frozenset(), constraint=None,
+                     progress=None) -> Iterator[int]:
+        """`generate.generate` through the conversation cache: the cache row's tokens are recorded however
+        the consumer stops (all fed tokens: the prompt and the yielded ones but the last). progress(done,
+        total): the prompt runs in chunks first, reporting after each (`prefill`)."""
+        ids = list(ids)
+        if progress is not None and self.prompt_cache:
+            self.prefill(ids, cfg.max_new_tokens, progress=progress)
         past = self.cache.reusable(self.model, ids) if self.prompt_cache else 0
         turn = self.cache.begin()
         out: list[int] = []

@@ -161,3 +161,21 @@ def test_conversation_cache_survives_a_larger_cache(tiny_config):
     assert llm.cache.reusable(llm.model, longer) == 107
     assert list(llm.generate_ids(longer, cfg)) == list(generate(llm.model, longer, cfg))
     assert llm.model.max_seq_len == 512
+
+
+def test_chunked_prefill_reports_progress_and_changes_nothing(tiny_config):
+    from llamaforge.generate import SamplingConfig, generate
+    tiny_config.max_seq_len = 1024
+    llm = tiny_llm(tiny_config)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    ids = [1 + (7 * i) % 500 for i in range(200)]
+    seen = []
+    assert llm.prefill(ids, chunk=64, progress=lambda done, total: seen.append((done, total))) == 0
+    assert seen == [(64, 199), (128, 199), (192, 199), (199, 199)]
+    assert llm.cache.reusable(llm.model, ids) == 199
+    out = list(llm.generate_ids(ids, cfg))
+    seen.clear()
+    longer = ids + out + [3] * 300
+    again = list(llm.generate_ids(longer, cfg, progress=lambda done, total: seen.append((done, total))))
+    assert seen == [(461, 505), (505, 505)]  # from the cached 205 tokens on, 256 per forward
+    assert out == list(generate(llm.model, ids, cfg)) and again == list(generate(llm.model, longer, cfg))

@@ -77,7 +77,7 @@ def sampling_kwargs(args) -> dict:
     return {k: v for k, v in config_kwargs(args, SamplingConfig).items() if v is not None}
 
 
-def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True) -> None:
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, speculative: bool = False) -> None:
     if positional:
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
     else:
@@ -91,8 +91,17 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     p.add_argument("--decode", default=None, choices=["eager", "trace", "compile"],
                    help="how decode steps run: eager (default), trace (1.4x faster on CPU, ~50-80 MB per trace kept), compile")
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
+    if speculative:
+        add_speculative_flags(p)
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default="auto", choices=["auto", "lookup", "draft", "off"],
+                   help="speculative decoding, exact: lookup drafts from the prompt's n-grams, draft from --draft-model; "
+                        "auto: lookup where answers quote their prompt (rag), else off")
+    p.add_argument("--draft-model", default=None, metavar="M", help="a smaller model with the same tokenizer, for --speculative draft")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -108,17 +117,24 @@ def set_threads(args) -> None:
         torch.set_num_threads(n)
 
 
-def load_llm(args):
-    """The model the flags of `add_model_flags` name, with its decode mode."""
+def load_llm(args, speculative: str = "off"):
+    """The model the flags of `add_model_flags` name, with its decode mode and speculative decoding
+    (`speculative`: what --speculative auto means for this command)."""
     from ..llm import load
     set_threads(args)
+    mode = getattr(args, "speculative", "auto")
+    mode = speculative if mode == "auto" else mode
+    draft_path = getattr(args, "draft_model", None)
+    if mode == "draft" and not draft_path:
+        raise LlamaforgeError("--speculative draft needs --draft-model M (a smaller model with the same tokenizer)")
     llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
                quantize=getattr(args, "quantize", "auto"), adapter=getattr(args, "adapter", None))
     if getattr(args, "compile", False):
         llm.compile()
     elif getattr(args, "decode", None):
         llm.set_decode(args.decode)
-    return llm
+    draft = load(draft_path, device=args.device) if mode == "draft" else None
+    return llm.set_speculative(mode, draft)
 
 
 def write(text: str) -> None:

@@ -129,12 +129,14 @@ class Answer:
 
 
 def prepare(llm, kb: KnowledgeBase, question: str, cfg: AskConfig | None = None, max_new_tokens: int = 256,
-            history: list[dict] = (), system: str = SYSTEM) -> Prompt:
+            history: list[dict] = (), system: str = SYSTEM, hits: list[Chunk] | None = None) -> Prompt:
+    """Search (unless `hits` are given: the search ran already) and pack the prompt."""
     cfg = cfg or AskConfig()
     cfg.validate()
     if not question.strip():
         raise LlamaforgeError("empty question")
-    hits = kb.search(question, cfg.sources, cfg.mode, cfg.candidates, cfg.rrf_k)
+    if hits is None:
+        hits = kb.search(question, cfg.sources, cfg.mode, cfg.candidates, cfg.rrf_k)
     return build_prompt(llm, question, hits, max_new_tokens, history, system, cfg.context_tokens)
 
 
