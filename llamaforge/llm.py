@@ -148,6 +148,8 @@ class LLM:
             if draft_model is None:
                 raise LlamaforgeError("speculative mode 'draft' needs a draft model (load one with the same tokenizer)")
             net = getattr(draft_model, "model", draft_model)
+            if net is self.model:
+                raise LlamaforgeError("the draft model must be another model (it keeps its own KV cache): load a smaller one")
             if net.config.vocab_size != self.config.vocab_size:
                 raise LlamaforgeError(f"the draft model's vocabulary ({net.config.vocab_size:,}) differs from the model's "
                                       f"({self.config.vocab_size:,}): use a draft with the same tokenizer")
