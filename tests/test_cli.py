@@ -59,6 +59,7 @@ def test_convert_to_hf_then_generate_the_same(tmp_path, capsys):
     (["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"], "no such file"),
     (["generate", "-p", "hi", "--top-p", "1.5"], "top_p"),
     (["generate", "-p", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "-p", "hi", "--speculative", "draft"], "--draft-model"),
 ])
 def test_bad_input_one_line_errors(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)
