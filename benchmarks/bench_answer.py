@@ -116,7 +116,7 @@ print(json.dumps(runs))
 
 
 def bench_chat(llm, args) -> dict:
-    prompts = chat_prompts(llm)
+    prompts = chat_prompts(llm)[:args.turns]
     res = {"turn_prompt_tokens": [len(p) for p in prompts]}
     for name, cached in (("llamaforge_cached", True), ("llamaforge_uncached", False)):
         runs = [ttft_ours(llm, prompts, cached) for _ in range(args.runs)]
@@ -153,9 +153,9 @@ def bench_clients(llm, args) -> dict:
                     for s in seqs:
                         engine.submit(s)
                         if arrival == "one_by_one":
-                            for _ in s:
+                            for _ in s:  # until it ends: the next client comes after
                                 pass
-                    for s in seqs:
+                    for s in seqs if arrival == "together" else ():
                         for _ in s:
                             pass
                 finally:
@@ -284,6 +284,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spec-tokens", type=int, default=128)
+    ap.add_argument("--turns", type=int, default=10, help="chat turns measured (fewer: a quick check)")
     ap.add_argument("--peer-python", default="/work/peer/venv/bin/python")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/answer"))
     args = ap.parse_args()

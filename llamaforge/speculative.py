@@ -43,19 +43,23 @@ class Drafter:
 class PromptLookup(Drafter):
     """Draft the tokens that followed the most recent earlier occurrence of the context's last n tokens,
     for n from `ngram` down to `min_ngram`. The n-gram index grows with the context (O(1) per token).
-    The draft length adapts: it grows while drafts are kept whole and shrinks when they are cut short."""
+    The draft length adapts: it grows while drafts are kept whole and shrinks when they are cut short;
+    after a draft rejected outright, lookups pause for 1, 2, 4 ... 16 tokens (free text rarely repeats
+    itself, and a rejected draft costs a forward over it)."""
 
     def __init__(self, max_tokens: int = 8, ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= ngram or max_tokens < 1:
             raise LlamaforgeError(f"prompt lookup needs 1 <= min_ngram <= ngram and max_tokens >= 1, got {min_ngram}, {ngram}, {max_tokens}")
         self.max_tokens, self.ngram, self.min_ngram = max_tokens, ngram, min_ngram
         self.n = max_tokens
+        self._pause, self._skip = 0, 0  # after misses: lookups paused for _skip more tokens
         self._index: dict[tuple, int] = {}
         self._indexed = 0  # ids[:_indexed] are in the index (as n-gram starts whose n-gram ends before the last token)
         self._ids: list[int] = []
 
     def start(self, ids: list[int]) -> None:
         self._index, self._indexed, self._ids, self.n = {}, 0, [], self.max_tokens
+        self._pause = self._skip = 0
 
     def _extend(self, ids: list[int]) -> None:
         if ids[:len(self._ids)] != self._ids:  # not a continuation: index again
@@ -70,6 +74,9 @@ class PromptLookup(Drafter):
 
     def propose(self, ids: list[int], n: int) -> list[int]:
         self._extend(ids)
+        if self._skip > 0:
+            self._skip -= 1
+            return []
         n = min(n, self.n)
         for size in range(self.ngram, self.min_ngram - 1, -1):
             if len(ids) <= size:
@@ -81,6 +88,8 @@ class PromptLookup(Drafter):
 
     def kept(self, proposed: int, accepted: int) -> None:
         self.n = min(self.max_tokens, self.n + 2) if accepted == proposed else max(2, accepted + 1)
+        self._pause = 0 if accepted else min(16, max(1, 2 * self._pause))
+        self._skip = self._pause
 
 
 class DraftModel(Drafter):

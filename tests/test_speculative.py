@@ -42,6 +42,14 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert d.propose([1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 7, 2, 3], 4) == [7, 2, 3]  # the latest occurrence wins
     assert d.propose([1, 2, 3, 4, 5], 4) == []
     assert d.propose([6, 1, 6, 1, 6], 2) == [1, 6]  # a fresh context is indexed again
+    ctx = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
+    d.kept(4, 0)  # a miss: the next lookup is skipped
+    assert d.propose(ctx, 4) == [] and d.propose(ctx, 4) == [4, 5]  # and the draft is shorter
+    d.kept(2, 0)
+    d.kept(2, 0)  # a second miss in a row: 2 lookups skipped... a third: 4
+    assert [d.propose(ctx, 4) for _ in range(5)] == [[], [], [], [], [4, 5]]
+    d.kept(2, 2)  # a hit ends the pause and lengthens the draft
+    assert d.propose(ctx, 4) == [4, 5, 9, 9]
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2, 3]) == 2
 
 
