@@ -118,6 +118,7 @@ print(json.dumps(runs))
 def bench_chat(llm, args) -> dict:
     prompts = chat_prompts(llm)[:args.turns]
     res = {"turn_prompt_tokens": [len(p) for p in prompts]}
+    ttft_ours(llm, prompts[:1], False)  # warm-up: first-call allocations are not a turn's cost
     for name, cached in (("llamaforge_cached", True), ("llamaforge_uncached", False)):
         runs = [ttft_ours(llm, prompts, cached) for _ in range(args.runs)]
         res[name] = [median(col) for col in zip(*runs)]
