@@ -61,10 +61,13 @@ def cmd_ask(args) -> None:
     cfg = config_from_args(args, AskConfig)
     cfg.validate()
     with KnowledgeBase(args.db, cfg.embedding_model) as kb, ThreadPoolExecutor(1) as pool:
-        # the search (the embedder's start-up, most of it) runs while the model loads
-        hits = pool.submit(kb.search, args.question, cfg.sources, cfg.mode, cfg.candidates, cfg.rrf_k)
+        # the embedding model starts (most of a search's time) while the language model loads; the
+        # search itself stays on this thread, which owns the index's SQLite connection
+        started = pool.submit(kb.embedder.embed, [args.question]) if cfg.mode != "keyword" else None
         llm = load_llm(args, speculative="lookup")  # answers quote their sources: drafts from the prompt pay off
-        prompt = prepare(llm, kb, args.question, cfg, scfg.max_new_tokens, hits=hits.result())
+        if started is not None:
+            started.result()
+        prompt = prepare(llm, kb, args.question, cfg, scfg.max_new_tokens)
     if cfg.show_context:
         _show(llm, prompt)
     for piece in llm.stream_ids(prompt.ids, progress=prompt_progress(), **{**kw, "max_new_tokens": prompt.reserve}):

@@ -130,14 +130,12 @@ class Answer:
 
 
 def prepare(llm, kb: KnowledgeBase, question: str, cfg: AskConfig | None = None, max_new_tokens: int = 256,
-            history: list[dict] = (), system: str = SYSTEM, hits: list[Chunk] | None = None) -> Prompt:
-    """Search (unless `hits` are given: the search ran already) and pack the prompt."""
+            history: list[dict] = (), system: str = SYSTEM) -> Prompt:
     cfg = cfg or AskConfig()
     cfg.validate()
     if not question.strip():
         raise LlamaforgeError("empty question")
-    if hits is None:
-        hits = kb.search(question, cfg.sources, cfg.mode, cfg.candidates, cfg.rrf_k)
+    hits = kb.search(question, cfg.sources, cfg.mode, cfg.candidates, cfg.rrf_k)
     return build_prompt(llm, question, hits, max_new_tokens, history, system, cfg.context_tokens)
 
 
