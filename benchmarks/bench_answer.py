@@ -149,10 +149,10 @@ def bench_clients(llm, args) -> dict:
             ttfts, processed = [], []
             for _ in range(args.runs):
                 engine = Engine(llm.model, max_batch=8, max_seq_len=2048, prefix_cache_bytes=(512 << 20) if on else 0).start()
-                seqs = [Sequence(p, SamplingConfig(temperature=0, max_new_tokens=4)) for p in prompts]
+                seqs = []
                 try:
-                    for s in seqs:
-                        engine.submit(s)
+                    for p in prompts:  # a Sequence's clock starts when it is made: make it as it is sent
+                        seqs.append(s := engine.submit(Sequence(p, SamplingConfig(temperature=0, max_new_tokens=4))))
                         if arrival == "one_by_one":
                             for _ in s:  # until it ends: the next client comes after
                                 pass
