@@ -5,6 +5,10 @@ home of the FLOPs formulas (training, fine-tuning, inference).
   `estimate_mfu`; MFU is measured against the device's *measured* matmul peak.
 - `energy_kwh` / `co2_tonnes`: the LLaMA paper's formula (Touvron et al. 2023, section 6.1):
   Wh = GPU-h x (GPU power) x PUE, tCO2eq = MWh x 0.385; `LLAMA_TABLE15` holds the paper's rows.
+- `cost_row` / `cost_per_million_tokens`: the same energy in money, electricity at a tariff per kWh
+  plus, optionally, the devices' price amortized over their lifetime; `llama_cost_table` puts
+  Table 15 next to the tokens and parameters of each LLaMA size (MWh per token per parameter, the
+  MFU the GPU-hours imply, cost at a stated tariff).
 - `chinchilla_optimal` / `overtrained`: Hoffmann et al. 2022 (approach 3 fit and the 20
   tokens/parameter rule), and the smaller model trained longer that reaches the same loss at a
   lower training + inference cost (Sardana & Frankle 2023), which is LLaMA's choice.
@@ -140,6 +144,140 @@ def carbon_row(gpu_hours: float, power_w: float = GPU_POWER_W, pue: float = PUE,
             "mwh": kwh / 1000.0, "tco2eq": co2_tonnes(kwh, intensity)}
 
 
+# ---- cost in money ----
+
+# A stated tariff, not a market price: the US industrial average for 2023 (EIA Electric Power Monthly,
+# table 5.3: 8.0 cents/kWh). Pass your own with --price-per-kwh and --currency.
+PRICE_PER_KWH = 0.08
+CURRENCY = "USD"
+LIFETIME_YEARS = 4.0  # a device's useful life for amortization (a common depreciation period for servers)
+HOURS_PER_YEAR = 8766.0  # 365.25 x 24
+A100_BF16_FLOPS = 312e12  # A100 dense bf16 tensor-core peak (NVIDIA datasheet)
+# DGX A100 launch list price, 8 GPUs (NVIDIA, May 2020): LLaMA-65B trained on 2048 A100s = 256 DGX.
+DGX_A100_PRICE_USD = 199_000.0
+# Parameters and training tokens of the Table 15 rows: LLaMA (Touvron et al. 2023, table 2), OPT-175B
+# (Zhang et al. 2022: 180B tokens), BLOOM (Le Scao et al. 2022: 176B parameters, 366B tokens).
+TABLE15_SIZES = {"OPT-175B": (175e9, 180e9), "BLOOM-175B": (176e9, 366e9),
+                 "LLaMA-7B": (6.7e9, 1.0e12), "LLaMA-13B": (13.0e9, 1.0e12),
+                 "LLaMA-33B": (32.5e9, 1.4e12), "LLaMA-65B": (65.2e9, 1.4e12)}
+
+
+def electricity_cost(kwh: float, price_per_kwh: float = PRICE_PER_KWH) -> float:
+    return kwh * price_per_kwh
+
+
+def hardware_cost(device_hours: float, device_price: float, lifetime_years: float = LIFETIME_YEARS) -> float:
+    """The devices' price amortized over their life: each device-hour costs price / lifetime hours.
+
+    n devices for h wall hours: n x price x h / (lifetime x 8766) = price x device-hours / lifetime hours,
+    so the number of devices cancels (256 DGX A100 for 21 days or 1 for 15 years cost the same share).
+    """
+    if lifetime_years <= 0:
+        raise LlamaforgeError(f"--lifetime-years must be > 0, got {lifetime_years}")
+    return device_price * device_hours / (lifetime_years * HOURS_PER_YEAR)
+
+
+def cost_per_million_tokens(j_per_token: float, price_per_kwh: float = PRICE_PER_KWH, pue: float = 1.0) -> float:
+    """Electricity for a million tokens at `j_per_token` joules each (1 kWh = 3.6e6 J), times PUE."""
+    return j_per_token * 1e6 / 3.6e6 * pue * price_per_kwh
+
+
+def cost_row(kwh: float, device_hours: float, price_per_kwh: float = PRICE_PER_KWH, currency: str = CURRENCY,
+             device_price: float = 0.0, lifetime_years: float = LIFETIME_YEARS, tokens: float | None = None) -> dict:
+    """Electricity (kWh x price), amortized hardware (optional: `device_price` per device) and their sum
+    per million tokens trained (when `tokens` is given)."""
+    if price_per_kwh < 0 or device_price < 0:
+        raise LlamaforgeError(f"prices must be >= 0, got --price-per-kwh {price_per_kwh} and --device-price {device_price}")
+    elec = electricity_cost(kwh, price_per_kwh)
+    hw = hardware_cost(device_hours, device_price, lifetime_years) if device_price else 0.0
+    return {"currency": currency, "price_per_kwh": price_per_kwh, "electricity": elec,
+            "device_price": device_price, "lifetime_years": lifetime_years, "hardware_amortized": hw,
+            "total": elec + hw, "per_million_tokens": (elec + hw) / tokens * 1e6 if tokens else None}
+
+
+def compute_cost(flops: float, device_flops: float = A100_BF16_FLOPS, mfu: float = 0.4, power_w: float = GPU_POWER_W,
+                 pue: float = PUE, intensity: float = CARBON_INTENSITY, price_per_kwh: float = PRICE_PER_KWH,
+                 currency: str = CURRENCY, device_price: float = 0.0, lifetime_years: float = LIFETIME_YEARS,
+                 tokens: float | None = None) -> dict:
+    """What `flops` of training cost on devices of `device_flops` peak run at `mfu`: device-hours =
+    FLOPs / (peak x MFU) / 3600, then energy, carbon and money as above."""
+    if not (device_flops > 0 and 0 < mfu <= 1 and power_w > 0):
+        raise LlamaforgeError(f"need --device-flops > 0, 0 < --mfu <= 1 and --device-power > 0; got {device_flops}, {mfu}, {power_w}")
+    hours = flops / (device_flops * mfu) / 3600
+    r = carbon_row(hours, power_w, pue, intensity)
+    return {**r, "device_hours": hours, "cost": cost_row(r["mwh"] * 1000, hours, price_per_kwh, currency, device_price,
+                                                           lifetime_years, tokens)}
+
+
+def device_power(given: float | None, device_type: str) -> float:
+    """W per device: the given figure, else 400 W for a GPU (LLaMA's A100) or 10 W per CPU thread (a guess)."""
+    if given is not None:
+        return given
+    if device_type == "cuda":
+        return GPU_POWER_W
+    import torch
+    return CPU_POWER_PER_THREAD_W * torch.get_num_threads()
+
+
+def cost_kwargs(tc) -> dict:
+    """The cost settings of a training job's config (`LoopConfig`), as `run_report` / `cost_row` take them."""
+    return {k: getattr(tc, k) for k in ("price_per_kwh", "currency", "device_price", "lifetime_years")}
+
+
+def llama_cost_table(price_per_kwh: float = PRICE_PER_KWH, currency: str = CURRENCY, power_w: float = GPU_POWER_W,
+                     pue: float = PUE, intensity: float = CARBON_INTENSITY, device_price: float = 0.0,
+                     lifetime_years: float = LIFETIME_YEARS, llama_only: bool = True) -> list[dict]:
+    """Table 15's LLaMA rows (and OPT/BLOOM unless `llama_only`) with parameters and tokens: MWh, tCO2eq, MWh per token per parameter (about
+    constant if energy follows 6 N D), the MFU the GPU-hours imply (6 N D over the A100's bf16 peak) and cost."""
+    rows = []
+    for name, hours, paper_mwh, paper_t in LLAMA_TABLE15:
+        if llama_only and not name.startswith("LLaMA"):
+            continue
+        n, d = TABLE15_SIZES[name]
+        r = carbon_row(hours, power_w, pue, intensity)
+        rows.append({"model": name, "params": n, "tokens": d, **r, "paper_mwh": paper_mwh, "paper_tco2eq": paper_t,
+                     "mwh_per_token_param": r["mwh"] / (n * d),
+                     "implied_mfu": 6 * n * d / (hours * 3600 * A100_BF16_FLOPS),
+                     "cost": cost_row(r["mwh"] * 1000, hours, price_per_kwh, currency, device_price, lifetime_years, d)})
+    return rows
+
+
+def plot_cost_table(rows: list[dict], path: str | Path) -> bool:
+    """MWh per token per parameter and cost per LLaMA size, as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [r["model"] for r in rows]
+    cur = rows[0]["cost"]["currency"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [r["mwh_per_token_param"] * 1e21 for r in rows], color="tab:green")
+    a.set_ylabel("MWh per token per parameter (x 1e-21)")
+    a.set_title("training energy per token per parameter (Table 15)")
+    a.tick_params(axis="x", labelsize=8)
+    b.tick_params(axis="x", labelsize=8)
+    for i, r in enumerate(rows):
+        a.annotate(f"{r['mwh']:.0f} MWh", (i, r["mwh_per_token_param"] * 1e21), ha="center", va="bottom", fontsize=8)
+    elec = [r["cost"]["electricity"] for r in rows]
+    hw = [r["cost"]["hardware_amortized"] for r in rows]
+    x = range(len(rows))
+    w = 0.4 if any(hw) else 0.8
+    b.bar([i - w / 2 * bool(any(hw)) for i in x], elec, w, label=f"electricity at {rows[0]['cost']['price_per_kwh']:g} {cur}/kWh")
+    if any(hw):  # side by side on a log axis: hardware is ~20x electricity at LLaMA's figures
+        b.bar([i + w / 2 for i in x], hw, w, label=f"hardware, amortized over {rows[0]['cost']['lifetime_years']:g} years")
+        b.set_yscale("log")
+    b.set_xticks(list(x), names)
+    b.set_ylabel(f"cost ({cur})")
+    b.set_title("training cost")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---- planning: Chinchilla-optimal and over-trained ----
 
 def chinchilla_loss(n_params: float, n_tokens: float) -> float:
@@ -201,8 +339,10 @@ def overtrained(flops: float, inference_tokens: float) -> dict:
 
 def run_report(cfg: ModelConfig, seq_len: int, tokens: int, steps: int, wall_s: float, train_s: float,
                peak_flops: float, n_devices: int, device: str, power_w: float, pue: float = PUE,
-               intensity: float = CARBON_INTENSITY, peak_measured: bool = True, extra: dict | None = None) -> dict:
-    """Everything `run/report.json` holds: size, tokens, FLOPs, MFU, time, energy, carbon."""
+               intensity: float = CARBON_INTENSITY, peak_measured: bool = True, extra: dict | None = None,
+               price_per_kwh: float = PRICE_PER_KWH, currency: str = CURRENCY, device_price: float = 0.0,
+               lifetime_years: float = LIFETIME_YEARS) -> dict:
+    """Everything `run/report.json` holds: size, tokens, FLOPs, MFU, time, energy, carbon, cost."""
     fpt = flops_per_token(cfg, seq_len)
     total = fpt * tokens
     tok_s = tokens / train_s if train_s > 0 else 0.0
@@ -220,6 +360,7 @@ def run_report(cfg: ModelConfig, seq_len: int, tokens: int, steps: int, wall_s: 
         "wall_s": wall_s, "train_s": train_s, "device_hours": device_hours,
         "power_w_per_device": power_w, "pue": pue, "energy_kwh": kwh,
         "kg_co2_per_kwh": intensity, "tco2eq": co2_tonnes(kwh, intensity),
+        "cost": cost_row(kwh, device_hours, price_per_kwh, currency, device_price, lifetime_years, tokens),
         "chinchilla_optimal_for_this_compute": opt, **(extra or {}),
     }
 
@@ -235,7 +376,26 @@ def format_report(r: dict) -> str:
         f"energy          {r['energy_kwh']:.4f} kWh ({r['power_w_per_device']:g} W x {r['n_devices']} x PUE {r['pue']:g})",
         f"carbon          {r['tco2eq'] * 1e6:.1f} gCO2eq ({r['kg_co2_per_kwh']:g} kg/kWh)",
     ]
+    if r.get("cost"):
+        lines.append("cost            " + format_cost(r["cost"]))
     return "\n".join(lines)
+
+
+def money(x: float) -> str:
+    """12,345 | 12.35 | 0.01235: whole units when large, three significant digits when small."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:,.2f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def format_cost(c: dict) -> str:
+    """'12.35 USD electricity at 0.08 USD/kWh + 45.60 USD hardware (...) = 57.95 USD; 0.58 USD per million tokens trained'."""
+    cur = c["currency"]
+    out = f"{money(c['electricity'])} {cur} electricity at {c['price_per_kwh']:g} {cur}/kWh"
+    if c["device_price"]:
+        out += (f" + {money(c['hardware_amortized'])} {cur} hardware ({c['device_price']:,.0f} {cur} per device over "
+                f"{c['lifetime_years']:g} years) = {money(c['total'])} {cur}")
+    if c.get("per_million_tokens") is not None:
+        out += f"; {money(c['per_million_tokens'])} {cur} per million tokens trained"
+    return out
 
 
 def write_report(path: str | Path, report: dict) -> None:

@@ -80,29 +80,41 @@ def read_weights(model: str | Path, tokenizer: str | Path | None = None, tensors
     """Config, tensors (fp32 or the checkpoint's dtype) and tokenizer of any supported format.
     `tensors=False` (GGUF only) reads metadata and leaves the tensors in the mapped file."""
     fmt, path = resolve(model)
-    template, gf = None, None
+    gf = None
     if fmt == "gguf":
         from .gguf import GGUFFile
         gf = GGUFFile(path)
         cfg, sd = gf.config(), (gf.state_dict() if tensors else {})
-        has_tok = "tokenizer.ggml.model" in gf.metadata  # a weights-only GGUF loads too; text needs --tokenizer
-        tok = _gguf_tokenizer(gf, cfg) if tokenizer is None and has_tok else None
-        template = gf.metadata.get("tokenizer.chat_template")
     else:
         cfg, sd = load_hf(path) if fmt == "hf" else load_meta(path)
-        tok = None
-        if tokenizer is None:
-            for d in (path, path.parent) if fmt == "meta" else (path,):
-                if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
-                    tok = load_tokenizer_file(d)
-                    break
+    tok, template = find_tokenizer(fmt, path, tokenizer, gf, cfg)
+    if not cfg.name:
+        cfg.name = path.stem
+    return LoadedWeights(fmt, path, cfg, sd, tok, template, gf)
+
+
+def find_tokenizer(fmt: str, path: Path, tokenizer: str | Path | None = None, gf=None,
+                   cfg: ModelConfig | None = None) -> tuple[Tokenizer | None, str | None]:
+    """The tokenizer and chat template a model comes with (a weights-only GGUF has none: text needs
+    `tokenizer`), or those of the file `tokenizer` instead."""
+    tok, template = None, None
+    if fmt == "gguf":
+        if gf is None:
+            from .gguf import GGUFFile
+            gf = GGUFFile(path)
+        template = gf.metadata.get("tokenizer.chat_template")
+        if tokenizer is None and "tokenizer.ggml.model" in gf.metadata:
+            tok = _gguf_tokenizer(gf, cfg or gf.config())
+    elif tokenizer is None:
+        for d in (path, path.parent) if fmt == "meta" else (path,):
+            if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
+                tok = load_tokenizer_file(d)
+                break
         template = getattr(tok, "chat_template", None)
     if tokenizer is not None:
         tok = load_tokenizer_file(tokenizer)
         template = getattr(tok, "chat_template", None) or template
-    if not cfg.name:
-        cfg.name = path.stem
-    return LoadedWeights(fmt, path, cfg, sd, tok, template, gf)
+    return tok, template
 
 
 def _gguf_tokenizer(gf, cfg: ModelConfig) -> Tokenizer:
@@ -408,6 +420,11 @@ def load(model: str | Path = DEFAULT_MODEL, *, tokenizer: str | Path | None = No
         if all(isinstance(layer, torch.nn.Linear) for *_, layer in lora_layers(net)):
             merge_lora(net)
         net.eval()
+    return wrap_model(net, w, chat_format)
+
+
+def wrap_model(net, w: LoadedWeights, chat_format: str | None = None) -> LLM:
+    """An `LLM` around a built model, with the tokenizer and chat format of its checkpoint `w`."""
     fmt, why = None, None
     if w.tokenizer is not None:
         try:

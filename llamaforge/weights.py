@@ -416,6 +416,25 @@ def merge_meta_shards(shards: list[dict], dim: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def save_meta(dst: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], n_shards: int = 1,
+              embed_split: int = 1) -> None:
+    """A Meta checkpoint: params.json and `consolidated.NN.pth` model-parallel shards, each tensor split as
+    Meta's fairscale layers split it (`_META_SPLIT`; the embedding by columns as LLaMA 1/2, or
+    `embed_split=0` by rows as Llama 3), norms whole in every shard."""
+    import json
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+              "vocab_size": -1, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_seq_len}
+    with atomic_dir(Path(dst)) as tmp:
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        for i in range(n_shards):
+            shard = {}
+            for k, v in state_dict.items():  # a tied output is written out: Meta's format has no tying
+                kind = k.split(".")[-2]
+                d = embed_split if kind == "tok_embeddings" else _META_SPLIT.get(kind)
+                shard[k] = v.detach() if d is None or v.dim() == 1 or n_shards == 1 else v.detach().chunk(n_shards, d)[i].clone()
+            torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+
+
 def torch_load_weights(f: Path) -> dict:
     """torch.load with weights_only=True (tensors and plain containers only: no pickled code runs), mmap'd when possible."""
     import pickle
@@ -444,9 +463,17 @@ def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if not isinstance(shards[-1], dict) or "tok_embeddings.weight" not in shards[-1]:
             raise LlamaforgeError(f"{f} does not hold a llama state dict (no tok_embeddings.weight)")
     sd = merge_meta_shards(shards, params.get("dim", -1))
-    cfg = config_from_meta(params, sd["tok_embeddings.weight"].shape[0], path / "params.json")  # params.json often says vocab_size -1
-    if "layers.0.feed_forward.w1.weight" in sd:
-        cfg.hidden_dim = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    return meta_config(path, params, {k: tuple(v.shape) for k, v in sd.items()}), sd
+
+
+def meta_config(path: Path, params: dict, shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """The config of a Meta checkpoint: params.json, completed from the merged tensors' shapes (our names ->
+    shapes) and checked against them."""
+    if "tok_embeddings.weight" not in shapes:
+        raise LlamaforgeError(f"{path}: the checkpoint has no tok_embeddings.weight: not a llama state dict")
+    cfg = config_from_meta(params, shapes["tok_embeddings.weight"][0], path / "params.json")  # params.json often says vocab_size -1
+    if "layers.0.feed_forward.w1.weight" in shapes:
+        cfg.hidden_dim = shapes["layers.0.feed_forward.w1.weight"][0]
     # params.json records neither the context window nor (for Llama 3.2) the rope scaling factor:
     # take them from the named config of the same shape when there is one.
     named = matching_configs(cfg)
@@ -456,5 +483,5 @@ def load_meta(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if cfg.rope_scaling and ref.rope_scaling and "rope_scaling_factor" not in params:
             cfg.rope_scaling = dict(ref.rope_scaling)
         cfg.name = cfg.name or named[0]
-    check_shapes(path, cfg, {k: v.shape for k, v in sd.items()})
-    return cfg, sd
+    check_shapes(path, cfg, shapes)
+    return cfg

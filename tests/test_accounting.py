@@ -1,4 +1,5 @@
 """Accounting: FLOPs against torch's FLOP counter, the LLaMA paper's Table 15, and Chinchilla planning."""
+import json
 import math
 
 import pytest
@@ -103,3 +104,74 @@ def test_run_report_fields():
     assert r["tco2eq"] == pytest.approx(r["energy_kwh"] * 0.385 / 1000)
     assert r["mfu"] == pytest.approx(flops_per_token(cfg, 128) * 10_000 / 3000 / 2e11)
     assert math.isclose(r["tokens_per_param"], 10_000 / cfg.n_params)
+
+
+# ---- cost in money (hand-computed rows) ----
+
+def test_cost_rows_by_hand():
+    from llamaforge.accounting import cost_per_million_tokens, cost_row, hardware_cost
+    # LLaMA-7B: 82,432 GPU-h x 400 W x PUE 1.1 = 36,270.08 kWh; at 0.08 USD/kWh = 2,901.6064 USD over 1T tokens
+    c = cost_row(36_270.08, 82_432, 0.08, "USD", tokens=1e12)
+    assert c["electricity"] == pytest.approx(2901.6064) and c["hardware_amortized"] == 0
+    assert c["per_million_tokens"] == pytest.approx(0.0029016064)
+    # LLaMA-65B's GPUs at 24,875 USD each (a 199,000 USD DGX A100 / 8), 4 years = 35,064 hours:
+    # 24,875 x 1,022,362 / 35,064 = 725,281.05 USD for the run
+    assert hardware_cost(1_022_362, 24_875, 4) == pytest.approx(725_281.05, abs=0.01)
+    # the number of devices cancels: one device for 35,064 hours pays for itself exactly once
+    assert hardware_cost(4 * 8766, 24_875, 4) == pytest.approx(24_875)
+    c = cost_row(449_839.28, 1_022_362, 0.08, "USD", device_price=24_875, lifetime_years=4, tokens=1.4e12)
+    assert c["electricity"] == pytest.approx(35_987.1424) and c["total"] == pytest.approx(35_987.14 + 725_281.05, abs=0.01)
+    # generation: 0.5 J/token, PUE 1.1: 1e6 tokens = 0.5e6 J = 0.138889 kWh x 1.1 x 0.08 = 0.0122222 USD
+    assert cost_per_million_tokens(0.5, 0.08, 1.1) == pytest.approx(0.0122222, rel=1e-5)
+    # a tariff in won: 180 KRW/kWh for 449.8 MWh = 80,971,070 KRW
+    assert cost_row(449_839.28, 0, 180, "KRW")["electricity"] == pytest.approx(80_971_070.4)
+    with pytest.raises(LlamaforgeError):
+        cost_row(1, 1, -0.1)
+    with pytest.raises(LlamaforgeError):
+        hardware_cost(1, 100, 0)
+
+
+def test_llama_cost_table_rows():
+    from llamaforge.accounting import llama_cost_table
+    rows = {r["model"]: r for r in llama_cost_table(0.08, "USD")}
+    assert list(rows) == ["LLaMA-7B", "LLaMA-13B", "LLaMA-33B", "LLaMA-65B"]
+    r7 = rows["LLaMA-7B"]
+    assert r7["mwh"] == pytest.approx(36.27008) and r7["cost"]["electricity"] == pytest.approx(2901.6064)
+    assert r7["mwh_per_token_param"] == pytest.approx(36.27008 / (6.7e9 * 1e12))  # 5.413e-21
+    assert r7["implied_mfu"] == pytest.approx(0.43419, abs=1e-4)  # 6 N D / (GPU-h x 3600 x 312e12)
+    # energy tracks 6 N D: MWh per token per parameter stays within 4.5-5.5e-21 across a 10x range of sizes
+    assert all(4.5e-21 < r["mwh_per_token_param"] < 5.5e-21 for r in rows.values())
+    assert rows["LLaMA-65B"]["cost"]["per_million_tokens"] == pytest.approx(35_987.1424 / 1.4e6)
+    assert len(llama_cost_table(llama_only=False)) == 6
+
+
+def test_run_report_cost():
+    cfg = ModelConfig.from_name("tiny")
+    r = run_report(cfg, 128, tokens=10_000, steps=5, wall_s=3600, train_s=3000, peak_flops=1e11, n_devices=2,
+                   device="cpu", power_w=100, price_per_kwh=0.5, currency="EUR", device_price=8766, lifetime_years=1)
+    # 2 device-hours x 100 W x 1.1 = 0.22 kWh x 0.5 = 0.11 EUR; hardware 8,766 EUR / 8,766 h x 2 h = 2 EUR
+    assert r["cost"]["electricity"] == pytest.approx(0.11) and r["cost"]["hardware_amortized"] == pytest.approx(2.0)
+    assert r["cost"]["per_million_tokens"] == pytest.approx(2.11 / 10_000 * 1e6)
+    from llamaforge.accounting import format_report
+    assert "0.11 EUR electricity at 0.5 EUR/kWh + 2.00 EUR hardware" in format_report(r)
+
+
+def test_cost_cli(capsys, tmp_path):
+    assert main(["carbon", "--gpu-hours", "1022362", "--tokens", "1.4e12", "--device-price", "24875"]) == 0
+    out = capsys.readouterr().out
+    assert "35,987 USD electricity at 0.08 USD/kWh + 725,281 USD hardware" in out and "761,268 USD" in out
+    png = tmp_path / "t15.png"
+    assert main(["carbon", "--table", "--price-per-kwh", "180", "--currency", "KRW", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "LLaMA-65B" in out and "80,971,070" in out and "5.413e-21" in out
+    assert png.stat().st_size > 10_000
+    eff = tmp_path / "efficiency.json"
+    eff.write_text(json.dumps({"model": "m", "watts": 20, "variants": [
+        {"variant": "int4", "status": "ok", "decode_energy_per_token_j": 0.5, "energy_per_token_j": 0.05}]}))
+    assert main(["carbon", "--efficiency", str(tmp_path), "--pue", "1"]) == 0
+    assert "generated 0.0111 USD/Mtok" in capsys.readouterr().out  # 0.5e6 J / 3.6e6 x 0.08
+    assert main(["plan", "--flops", "5.76e23"]) == 0  # 1.28M device-hours x 400 W x 1.1 = 564.1 MWh
+    out = capsys.readouterr().out
+    assert "564.1 MWh" in out and "45,128 USD electricity" in out  # x 0.08 USD/kWh
+    assert main(["carbon", "--gpu-hours", "10", "--price-per-kwh", "-1"]) == 2
+    assert main(["carbon", "--efficiency", str(png)]) == 2

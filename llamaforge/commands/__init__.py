@@ -11,9 +11,9 @@ import os
 import sys
 
 from ..errors import LlamaforgeError
-from . import account, evaluate, rag, run, serve, train
+from . import account, align, evaluate, rag, run, serve, train
 
-GROUPS = (run, train, evaluate, serve, rag, account)
+GROUPS = (run, train, align, evaluate, serve, rag, account)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "convert" and args.dtype is None:
         args.dtype = "f32" if args.to == "hf" else "f16"
+    func = args.func
+    if getattr(args, "tp", 1) > 1 and os.environ.get("RANK", "0") != "0":  # ranks > 0 load their slice and follow rank 0
+        from .common import load_llm as func
     try:
-        args.func(args)
+        func(args)
     except LlamaforgeError as e:
         print(f"llamaforge: error: {e}", file=sys.stderr)
         return 2

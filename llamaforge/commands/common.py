@@ -77,7 +77,8 @@ def sampling_kwargs(args) -> dict:
     return {k: v for k, v in config_kwargs(args, SamplingConfig).items() if v is not None}
 
 
-def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, speculative: bool = False) -> None:
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, tp: bool = False,
+                    speculative: bool = False) -> None:
     if positional:
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="named model, GGUF file, HF or Meta directory")
     else:
@@ -91,6 +92,9 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     p.add_argument("--decode", default=None, choices=["eager", "trace", "compile"],
                    help="how decode steps run: eager (default), trace (1.4x faster on CPU, ~50-80 MB per trace kept), compile")
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
+    if tp:
+        p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes: "
+                       "torchrun --nproc_per_node N -m llamaforge ... --tp N (see docs/parallel.md)")
     if speculative:
         add_speculative_flags(p)
     if adapter:
@@ -119,12 +123,17 @@ def set_threads(args) -> None:
 
 def load_llm(args, speculative: str = "off"):
     """The model the flags of `add_model_flags` name, with its decode mode and speculative decoding
-    (`speculative`: what --speculative auto means for this command)."""
+    (`speculative`: what --speculative auto means for this command). With --tp N, ranks > 0 follow
+    rank 0's model calls here and get None when it is done (parallel.load_parallel)."""
     from ..llm import load
     set_threads(args)
     mode = getattr(args, "speculative", "auto")
-    mode = speculative if mode == "auto" else mode
     draft_path = getattr(args, "draft_model", None)
+    if getattr(args, "tp", 1) != 1:
+        if mode not in ("auto", "off"):
+            raise LlamaforgeError("--tp decodes one token per step: drop --speculative")
+        return _load_parallel(args)
+    mode = speculative if mode == "auto" else mode
     if mode == "draft" and not draft_path:
         raise LlamaforgeError("--speculative draft needs --draft-model M (a smaller model with the same tokenizer)")
     llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
@@ -135,6 +144,16 @@ def load_llm(args, speculative: str = "off"):
         llm.set_decode(args.decode)
     draft = load(draft_path, device=args.device) if mode == "draft" else None
     return llm.set_speculative(mode, draft)
+
+
+def _load_parallel(args):
+    if args.tp < 1:
+        raise LlamaforgeError(f"--tp must be >= 1, got {args.tp}")
+    if args.adapter or args.compile or args.decode not in (None, "eager"):
+        raise LlamaforgeError("--tp runs eager decode steps without adapters: drop --adapter, --compile and --decode")
+    from ..parallel import load_parallel
+    return load_parallel(args.model, args.tp, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
+                         quantize=args.quantize)
 
 
 def write(text: str) -> None:

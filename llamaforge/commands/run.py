@@ -227,7 +227,7 @@ def _ours(gguf_name: str) -> str | None:
 
 def add_commands(sub) -> None:
     c = sub.add_parser("chat", help="interactive chat (answers each stdin line when piped)")
-    add_model_flags(c, speculative=True)
+    add_model_flags(c, tp=True, speculative=True)
     c.add_argument("--system", "-s", default=None, help="system prompt")
     c.add_argument("--rag", default=None, metavar="DB", help="answer from this index (llamaforge rag index), citing sources")
     c.add_argument("--show-context", action="store_true", help="with --rag: print each prompt sent to the model")
@@ -235,7 +235,7 @@ def add_commands(sub) -> None:
     c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
-    add_model_flags(g, speculative=True)
+    add_model_flags(g, tp=True, speculative=True)
     g.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     g.add_argument("--verbose", "-v", action="store_true", help="print token counts and timing to stderr")

@@ -27,6 +27,6 @@ def cmd_serve(args) -> None:
 def add_commands(sub) -> None:
     from ..serving.api import SERVE_HELP, ServeConfig
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a web chat page")
-    add_model_flags(p)
+    add_model_flags(p, tp=True)
     add_config_flags(p, ServeConfig, SERVE_HELP)
     p.set_defaults(func=cmd_serve)

@@ -38,7 +38,7 @@ def uvicorn_config(app, cfg: ServeConfig, header_timeout: float = HEADER_TIMEOUT
 
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | str" = "auto", body_timeout: float = BODY_TIMEOUT):
@@ -145,7 +145,13 @@ def create_app(llm, cfg: ServeConfig, name: str, embedder: "Embedder | None | st
     async def index():
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    class PageFiles(StaticFiles):  # revalidated on each load (a 304 when unchanged): an upgraded server never meets a stale chat.js
+        def file_response(self, *args, **kw):
+            response = super().file_response(*args, **kw)
+            response.headers["Cache-Control"] = "no-cache"
+            return response
+
+    app.mount("/static", PageFiles(directory=STATIC), name="static")
     routes = {r.path for r in app.routes if hasattr(r, "path")} | {"/openapi.json"}
     app.add_middleware(Guard, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=api.metrics, endpoints=routes,
                        body_timeout=body_timeout)

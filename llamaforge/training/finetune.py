@@ -170,9 +170,21 @@ _RESUME_KEYS = ("model", "data", "method", "rank", "alpha", "lora_dropout", "tar
                 "batch_size", "micro_batch_size", "seed", "on_bad_line")
 
 
+def load_for_training(fc: FinetuneConfig, d, what: str = "fine-tuning"):
+    """The model to train in fp32 (its int4/int8 base for QLoRA) and the row length: -> (LLM, seq_len)."""
+    from ..llm import load
+    llm = load(fc.model, chat_format=fc.chat_format, device=str(d.device), dtype=torch.float32,
+               quantize=fc.quantize if fc.method == "qlora" else "none")
+    if llm.tokenizer is None:
+        raise LlamaforgeError(f"{fc.model} has no tokenizer: {what} reads text")
+    seq_len = fc.seq_len or min(llm.config.max_seq_len, 2048)
+    if seq_len > llm.config.max_seq_len:
+        raise LlamaforgeError(f"--seq-len {seq_len} is longer than the model's context ({llm.config.max_seq_len})")
+    return llm, seq_len
+
+
 def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
     """Fine-tune (or with `dpo`, preference-tune) as `fc` says; returns the report (also out/report.json)."""
-    from ..llm import load
     from ..lora import LoRAConfig, apply_lora, save_adapter, trainable_params
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from .parallelize import apply_ac, init_distributed
@@ -192,14 +204,8 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
         if diff:
             raise LlamaforgeError(f"{run} was started with other settings (then vs now: {diff}): resume with the same ones")
     t_load = time.perf_counter()
-    llm = load(fc.model, chat_format=fc.chat_format, device=str(d.device), dtype=torch.float32,
-               quantize=fc.quantize if fc.method == "qlora" else "none")
-    if llm.tokenizer is None:
-        raise LlamaforgeError(f"{fc.model} has no tokenizer: fine-tuning reads text")
+    llm, seq_len = load_for_training(fc, d)
     model, cfg, tok = llm.model, llm.config, llm.tokenizer
-    seq_len = fc.seq_len or min(cfg.max_seq_len, 2048)
-    if seq_len > cfg.max_seq_len:
-        raise LlamaforgeError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_seq_len})")
 
     # every line is read and checked before anything is written
     chat, broken = llm.chat_format, llm.chat_format_error
@@ -270,16 +276,26 @@ def finetune(fc: FinetuneConfig, on_step=None, dpo: bool = False) -> dict:
               "final_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
               "final_val_loss": final_val["val_loss"] if final_val else None,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "stopped_by": stopped_by, "last_checkpoint_step": last["ckpt"]}
+              "stopped_by": stopped_by, "last_checkpoint_step": last["ckpt"], **energy_and_cost(fc, d, wall_s, state["tokens"])}
     accounting.write_report(run / "report.json", report)
     print(("stopped by " + stopped_by + f" at step {state['step']}: resume with --resume\n" if stopped_by else "")
           + f"done: {state['step']} steps, {state['tokens']:,} tokens at {report['tokens_per_s']:,.0f} tok/s in "
           f"{wall_s / 60:.1f} min; final loss {report['final_loss']:.4f}"
           + (f", validation {report['final_val_loss']:.4f}" if final_val else "")
           + f"; peak RSS {report['peak_rss_mb']:,.0f} MB\n"
+          + f"energy {report['energy_kwh']:.4f} kWh at {report['power_w']:g} W x PUE {fc.pue:g}; cost "
+          + accounting.format_cost(report["cost"]) + "\n"
           + (f"adapter in {run}: llamaforge chat --model {fc.model} --adapter {run}" if lc is not None
              else f"model in {run / 'model'}: llamaforge chat --model {run}"), file=sys.stderr)
     return report
+
+
+def energy_and_cost(tc, d, wall_s: float, tokens: int) -> dict:
+    """Energy, carbon and cost of `wall_s` seconds on one device at the job's power, PUE, intensity and prices."""
+    power = accounting.device_power(tc.device_power, d.device.type)
+    kwh = accounting.energy_kwh(wall_s / 3600, power, tc.pue)
+    return {"power_w": power, "pue": tc.pue, "energy_kwh": kwh, "tco2eq": accounting.co2_tonnes(kwh, tc.carbon_intensity),
+            "cost": accounting.cost_row(kwh, wall_s / 3600, tokens=tokens or None, **accounting.cost_kwargs(tc))}
 
 
 def merge(model: str | Path, adapter: str | Path, out: str | Path, to: str = "hf", dtype: str | None = None) -> None:

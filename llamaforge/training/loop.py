@@ -77,6 +77,13 @@ class LoopConfig:
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     # accounting
     peak_flops: float | None = _f(None, "peak FLOP/s per device for MFU (default: measured at start)", float)
+    device_power: float | None = _f(None, "W per device for energy (default: 400 per GPU, 10 per CPU thread)", float)
+    pue: float = _f(accounting.PUE, "datacenter power usage effectiveness (LLaMA: 1.1)")
+    carbon_intensity: float = _f(accounting.CARBON_INTENSITY, "kg CO2eq per kWh (LLaMA: 0.385, US average)")
+    price_per_kwh: float = _f(accounting.PRICE_PER_KWH, "electricity price per kWh for the report's cost (US industrial 2023)")
+    currency: str = _f(accounting.CURRENCY, "currency of --price-per-kwh and --device-price")
+    device_price: float = _f(0.0, "price of one device, amortized over --lifetime-years in the report's cost (0: electricity only)")
+    lifetime_years: float = _f(accounting.LIFETIME_YEARS, "device lifetime for amortizing --device-price")
 
 
 def lr_at(step: int, tc: LoopConfig, time_frac: float = 0.0) -> float:

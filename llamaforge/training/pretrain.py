@@ -43,9 +43,6 @@ class TrainConfig(LoopConfig):
     compile: bool = _f(False, "torch.compile each block")
     init_std: float = _f(0.02, "std of the normal weight initialization")
     eval_tokens: int = _f(65536, "validation tokens per evaluation")
-    device_power: float | None = _f(None, "W per device for energy (default: 400 per GPU, 10 per CPU thread)", float)
-    pue: float = _f(1.1, "datacenter power usage effectiveness (LLaMA: 1.1)")
-    carbon_intensity: float = _f(0.385, "kg CO2eq per kWh (LLaMA: 0.385, US average)")
     sample_tokens: int = _f(0, "at the end, generate this many tokens of text from --sample-prompt")
     sample_prompt: str = _f("", "prompt for the samples (default: empty, i.e. BOS only)")
 
@@ -179,8 +176,8 @@ def train(tc: TrainConfig, on_step=None) -> dict:
     report = accounting.run_report(
         cfg, seq_len, state["tokens"], state["step"], wall_s, state["train_s"], peak, d.world_size,
         torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        tc.device_power or (accounting.GPU_POWER_W if d.device.type == "cuda" else accounting.CPU_POWER_PER_THREAD_W * torch.get_num_threads()),
-        tc.pue, tc.carbon_intensity, peak_measured=not tc.peak_flops,
+        accounting.device_power(tc.device_power, d.device.type),
+        tc.pue, tc.carbon_intensity, peak_measured=not tc.peak_flops, **accounting.cost_kwargs(tc),
         extra={"final_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
                "final_val_loss": final_val["val_loss"] if final_val else None,
                "val_loss_by_source": final_val.get("val_loss_by_source") if final_val else None,

@@ -1,11 +1,12 @@
 """Fine-tuning data: JSONL lines -> token ids with target masks -> padded rows, in a seeded order.
 
 The format is told apart per line: chat (`{"messages": [{"role", "content"}, ...]}`, the OpenAI
-shape), instruction (`instruction` / optional `input` / `output`, one user and one assistant turn),
-plain `text`, or a preference (`prompt` / `chosen` / `rejected`, for DPO). Chat and instruction lines
-go through the model's chat format (chat.py) and train only on the assistant's tokens; text lines
-train on every token. Every line is read, checked and encoded before anything is written; a bad one
-is reported as file:line.
+shape, with OpenAI's optional `"weight": 0` on assistant turns that are context only, as Ghost
+Attention's earlier turns), instruction (`instruction` / optional `input` / `output`, one user and
+one assistant turn), plain `text`, or a preference (`prompt` / `chosen` / `rejected`, for DPO and
+reward models). Chat and instruction lines go through the model's chat format (chat.py) and train
+only on the assistant's tokens; text lines train on every token. Every line is read, checked and
+encoded before anything is written; a bad one is reported as file:line.
 """
 from __future__ import annotations
 
@@ -110,11 +111,34 @@ def encode_sft(rec, tok, chat, broken: str | None = None) -> tuple[list[int], li
             raise ValueError("'messages' needs at least one assistant message to learn from")
     if chat is None:
         raise ValueError(broken or "a chat line, but the model has no chat format: pass --chat-format chatml|llama2|llama3")
+    weights = [_weight(m) for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "weight"} if isinstance(m, dict) else m for m in messages]
     try:
         ids, mask = chat.encode(messages, add_generation_prompt=False)
+        for j, w in enumerate(weights):
+            if w == 0:  # this assistant turn is context: its tokens (and end of turn) are no target
+                start = _shared(chat.encode_prompt(messages[:j]), ids)
+                end = _shared(chat.encode(messages[:j + 1], add_generation_prompt=False)[0], ids)
+                mask[start:end] = [False] * (end - start)
     except LlamaforgeError as e:
         raise ValueError(str(e)) from None
+    if not any(mask):
+        raise ValueError("every assistant turn has weight 0: nothing to train on")
     return ids, mask
+
+
+def _weight(m) -> int:
+    """An assistant message's `weight` (OpenAI's fine-tuning field): 1 trains it (default), 0 keeps it as context."""
+    if not isinstance(m, dict) or "weight" not in m:
+        return 1
+    if m.get("role") != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+        raise ValueError(f"'weight' is 0 or 1 on assistant messages only; got {m['weight']!r} on a {m.get('role')!r} message")
+    return m["weight"]
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def encode_pref(rec, tok, chat, broken: str | None = None) -> tuple[list[int], list[bool], list[int], list[bool]]:
@@ -141,7 +165,7 @@ def encode_pref(rec, tok, chat, broken: str | None = None) -> tuple[list[int], l
             ids, mask = chat.encode(list(msgs) + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         except LlamaforgeError as e:
             raise ValueError(str(e)) from None
-        shared = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+        shared = _shared(head, ids)
         out += [ids, [m and i >= shared for i, m in enumerate(mask)]]
     return tuple(out)
 

@@ -462,7 +462,10 @@ def test_health_metrics_openapi_page(server):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings"} <= set(schema["paths"])
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "chat.js" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
-    assert httpx.get(server.url + "/static/chat.js").status_code == 200
+    assert page.headers["cache-control"] == "no-cache" and "markdown.js" in page.text
+    for name in ("chat.js", "markdown.js", "style.css"):  # revalidated on each load: an upgrade never meets a stale copy
+        r = httpx.get(server.url + "/static/" + name)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache" and r.headers["etag"]
 
 
 # ---- fuzz: nothing a client sends gets a 5xx ----
@@ -519,64 +522,6 @@ def test_fuzz_random_json_never_5xx(fuzz_server):
         check()
     assert 400 in statuses
     assert httpx.get(server.url + "/health").json()["status"] == "ok" and server.wait_idle()
-
-
-# ---- the chat page in headless Chromium ----
-
-def _chromium():
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    return browser, driver
-
-
-def test_chat_page_in_headless_chromium(model_dir, tmp_path):
-    browser, driver = _chromium()
-    if not (browser and driver):
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    server = Server(model_dir, slow=0.01)  # ~10 ms a token, so Stop has something to stop
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,700"):
-        opts.add_argument(flag)
-    d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
-    try:
-        d.set_page_load_timeout(20)
-        d.get(server.url + "/")
-        wait = WebDriverWait(d, 20)
-        wait.until(lambda d: d.find_element(By.ID, "model").text == "chain")
-        d.find_element(By.CSS_SELECTOR, "details summary").click()
-        d.find_element(By.ID, "max-tokens").send_keys("24")
-        box = d.find_element(By.ID, "prompt")
-        box.send_keys("<img src=x onerror=alert(1)> What is the capital of France?")
-        d.find_element(By.ID, "send").click()
-        tail = server.llm.chat_ids([{"role": "user", "content": "x"}])[-1]
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant:not(.streaming)"))
-        assert d.find_element(By.CSS_SELECTOR, ".msg.assistant").text == chain(tail, 24)  # streamed, complete
-        user = d.find_element(By.CSS_SELECTOR, ".msg.user")
-        assert user.text.startswith("<img src=x") and not d.find_elements(By.CSS_SELECTOR, "#log img")  # text, not HTML
-        # a second turn (the history goes with it) without a token limit: Stop ends it mid-stream
-        d.find_element(By.ID, "max-tokens").clear()
-        box.send_keys("And Italy?")
-        d.find_element(By.ID, "send").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
-                   and len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text) >= 5)
-        d.find_element(By.ID, "stop").click()
-        wait.until(lambda d: d.find_element(By.ID, "status").text == "stopped")
-        second = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1].text
-        assert 5 <= len(second) < 150 and chain(tail, len(second)) == second
-        ARTIFACTS.mkdir(exist_ok=True)
-        d.save_screenshot(str(ARTIFACTS / "chat-page.png"))
-        assert (ARTIFACTS / "chat-page.png").stat().st_size > 1000
-        assert server.wait_idle(3.0)  # the aborted fetch stopped the generation
-    finally:
-        d.quit()
-        server.close()
 
 
 # ---- embeddings (optional) ----
