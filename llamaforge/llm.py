@@ -139,7 +139,7 @@ class LLM:
         self.device = next(model.parameters()).device
         self.set_decode("eager")
         self.cache = ConversationCache()  # `prompt_cache = False` turns the reuse off
-        self.prompt_cache = True
+        self.prompt_cache = isinstance(model, torch.nn.Module)  # not through a tensor-parallel Leader (parallel.py)
         self.drafter = None  # set_speculative
 
     def reset(self) -> "LLM":
@@ -368,6 +368,8 @@ class ConversationCache:
 
     @staticmethod
     def _fingerprint(model, n: int):
+        if not isinstance(model, torch.nn.Module):  # a tensor-parallel Leader: each rank holds some heads
+            return None
         c = model.layers[-1].attention.kv_cache
         if c is None or c.k_cache.size(2) < n:
             return None
