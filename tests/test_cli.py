@@ -59,6 +59,7 @@ def test_convert_to_hf_then_generate_the_same(tmp_path, capsys):
     (["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"], "no such file"),
     (["generate", "-p", "hi", "--top-p", "1.5"], "top_p"),
     (["generate", "-p", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "-p", "hi", "--speculative", "draft"], "--draft-model"),
 ])
 def test_bad_input_one_line_errors(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)
@@ -75,3 +76,35 @@ def test_corrupt_gguf_and_too_long_prompt(tmp_path):
     garbage.write_bytes(b"GGUF" + os.urandom(4096))
     assert_one_line_error(run_cli("generate", "-m", str(garbage), "-p", "hi"), "GGUF")
     assert_one_line_error(run_cli("generate", "-p", "word " * 9000), "context window")
+
+
+@needs_default_model
+def test_repl_turns_reuse_the_cache_and_answer_as_without_it(default_llm_q, monkeypatch, capsys):
+    """Piped chat turns: each turn runs only what follows the cached conversation, /reset empties the
+    cache, and the answers are the ones the uncached REPL gives."""
+    import io
+
+    import llamaforge.commands.run as run_mod
+    llm = default_llm_q
+    monkeypatch.setattr(run_mod, "load_llm", lambda args, speculative="off": llm)
+    lines = "Name a colour.\nAnd another one?\n/reset\nName a colour.\n"
+    reused = []
+    real = llm.cache.reusable
+
+    def spy(model, ids):
+        n = real(model, ids)
+        reused.append((n, len(ids)))
+        return n
+    outs = []
+    for cached in (True, False):
+        llm.prompt_cache = cached
+        monkeypatch.setattr(llm.cache, "reusable", spy)
+        monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+        reused.clear()
+        assert main(["chat", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+        outs.append(capsys.readouterr().out)
+        if cached:
+            first, second, after_reset = reused
+            assert first[0] < 40 and second[0] > first[1] and after_reset[0] == 0
+    llm.prompt_cache = True
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 3

@@ -95,3 +95,87 @@ def test_resolve_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(LlamaforgeError, match="not a model directory"):
         resolve(empty)
+
+
+# ---- the conversation cache (tiny config: no tokenizer needed for token ids) ----
+
+def tiny_llm(tiny_config):
+    from llamaforge.llm import LLM
+    from llamaforge.model import Transformer
+    m = Transformer(tiny_config).eval()
+    m.init_weights(std=0.2)
+    return LLM(m, None, None)
+
+
+def test_conversation_cache_reuses_the_prefix_and_equals_uncached(tiny_config):
+    from llamaforge.generate import SamplingConfig, generate, prefill
+    llm = tiny_llm(tiny_config)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=12)
+    turn1 = [3, 14, 15, 92, 65, 35]
+    out1 = list(llm.generate_ids(turn1, cfg))
+    assert llm.cache.ids == turn1 + out1[:-1]  # the last token was never fed
+    turn2 = turn1 + out1 + [7, 8, 9]
+    assert llm.cache.reusable(llm.model, turn2) == len(turn1) + len(out1) - 1
+    out2 = list(llm.generate_ids(turn2, cfg))
+    fresh = list(generate(llm.model, turn2, cfg))  # plain, from position 0
+    assert out2 == fresh
+    # the logits of a prefill from the cache equal a full forward's
+    list(llm.generate_ids(turn2, cfg))
+    n = llm.cache.reusable(llm.model, turn2 + [1, 2])
+    with torch.no_grad():
+        part = prefill(llm.model, torch.tensor([(turn2 + [1, 2])[n:]]), torch.arange(n, len(turn2) + 2))
+        full = llm.model(torch.tensor([turn2 + [1, 2]]))[:, -1]
+    assert torch.allclose(part, full, atol=1e-5, rtol=1e-4)
+
+
+def test_conversation_cache_divergent_edit_reset_and_other_users(tiny_config):
+    from llamaforge.generate import SamplingConfig, generate
+    llm = tiny_llm(tiny_config)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=10)
+    base = list(range(10, 40))
+    list(llm.generate_ids(base, cfg))
+    edited = base[:12] + [99, 98] + base[14:]  # an earlier message changed: reuse stops at the edit
+    assert llm.cache.reusable(llm.model, edited) == 12
+    assert list(llm.generate_ids(edited, cfg)) == list(generate(llm.model, edited, cfg))
+    assert llm.cache.reusable(llm.model, edited + [5]) > 12
+    llm.reset()
+    assert llm.cache.reusable(llm.model, edited) == 0
+    list(llm.generate_ids(edited, cfg))
+    list(generate(llm.model, [7] * 20, cfg))  # someone else writes the model's cache: nothing is reused
+    assert llm.cache.reusable(llm.model, edited) == 0
+    llm.prompt_cache = False
+    list(llm.generate_ids(edited, cfg))
+    assert len(llm.cache.ids) == len(edited) + 9 and llm.cache.reusable(llm.model, edited) == len(edited)  # recorded all the same
+
+
+def test_conversation_cache_survives_a_larger_cache(tiny_config):
+    """A conversation that outgrows the allocated cache keeps its prefix (generate.keep_cache)."""
+    from llamaforge.generate import SamplingConfig, generate
+    tiny_config.max_seq_len = 1024
+    llm = tiny_llm(tiny_config)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=8)
+    first = [1 + i % 300 for i in range(100)]
+    out = list(llm.generate_ids(first, cfg))
+    assert llm.model.max_seq_len == 256
+    longer = first + out + [4 + i % 200 for i in range(300)]
+    assert llm.cache.reusable(llm.model, longer) == 107
+    assert list(llm.generate_ids(longer, cfg)) == list(generate(llm.model, longer, cfg))
+    assert llm.model.max_seq_len == 512
+
+
+def test_chunked_prefill_reports_progress_and_changes_nothing(tiny_config):
+    from llamaforge.generate import SamplingConfig, generate
+    tiny_config.max_seq_len = 1024
+    llm = tiny_llm(tiny_config)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    ids = [1 + (7 * i) % 500 for i in range(200)]
+    seen = []
+    assert llm.prefill(ids, chunk=64, progress=lambda done, total: seen.append((done, total))) == 0
+    assert seen == [(64, 199), (128, 199), (192, 199), (199, 199)]
+    assert llm.cache.reusable(llm.model, ids) == 199
+    out = list(llm.generate_ids(ids, cfg))
+    seen.clear()
+    longer = ids + out + [3] * 300
+    again = list(llm.generate_ids(longer, cfg, progress=lambda done, total: seen.append((done, total))))
+    assert seen == [(461, 505), (505, 505)]  # from the cached 205 tokens on, 256 per forward
+    assert out == list(generate(llm.model, ids, cfg)) and again == list(generate(llm.model, longer, cfg))

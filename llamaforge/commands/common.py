@@ -80,7 +80,8 @@ def sampling_kwargs(args) -> dict:
     return {k: v for k, v in config_kwargs(args, SamplingConfig).items() if v is not None}
 
 
-def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, tp: bool = False) -> None:
+def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True, tp: bool = False,
+                    speculative: bool = False) -> None:
     """--model/-m (and with `positional`, the same as an optional first argument, the older spelling)."""
     if positional:
         p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
@@ -98,6 +99,8 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     if tp:
         p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes: "
                        "torchrun --nproc_per_node N -m llamaforge ... --tp N (see docs/parallel.md)")
+    if speculative:
+        add_speculative_flags(p)
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
 
@@ -110,6 +113,13 @@ def positional_or_flag(args, positional: str, flag: str, name: str, default=None
     value = a if a is not None else b if b is not None else default
     setattr(args, flag, value)
     return value
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default="auto", choices=["auto", "lookup", "draft", "off"],
+                   help="speculative decoding, exact: lookup drafts from the prompt's n-grams, draft from --draft-model; "
+                        "auto: lookup where answers quote their prompt (rag), else off")
+    p.add_argument("--draft-model", default=None, metavar="M", help="a smaller model with the same tokenizer, for --speculative draft")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -130,20 +140,29 @@ def set_threads(args, quiet: bool = False) -> str:
     return text
 
 
-def load_llm(args, announce: bool = False):
-    """The model the flags of `add_model_flags` name, with its decode mode. `announce`: print the thread choice.
+def load_llm(args, announce: bool = False, speculative: str = "off"):
+    """The model the flags of `add_model_flags` name, with its decode mode and speculative decoding
+    (`speculative`: what --speculative auto means for this command). `announce`: print the thread choice.
     With --tp N, ranks > 0 follow rank 0's model calls here and get None when it is done (parallel.load_parallel)."""
     from ..llm import load
     set_threads(args, quiet=not announce)
+    mode = getattr(args, "speculative", "auto")
+    draft_path = getattr(args, "draft_model", None)
     if getattr(args, "tp", 1) != 1:
+        if mode not in ("auto", "off"):
+            raise LlamaforgeError("--tp decodes one token per step: drop --speculative")
         return _load_parallel(args)
+    mode = speculative if mode == "auto" else mode
+    if mode == "draft" and not draft_path:
+        raise LlamaforgeError("--speculative draft needs --draft-model M (a smaller model with the same tokenizer)")
     llm = load(args.model, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,
                quantize=getattr(args, "quantize", "auto"), adapter=getattr(args, "adapter", None))
     if getattr(args, "compile", False):
         llm.compile()
     elif getattr(args, "decode", None):
         llm.set_decode(args.decode)
-    return llm
+    draft = load(draft_path, device=args.device) if mode == "draft" else None
+    return llm.set_speculative(mode, draft)
 
 
 def _load_parallel(args):

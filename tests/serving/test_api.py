@@ -210,6 +210,19 @@ def test_openai_client_chat_streaming_and_not(server, chat_tail):
     assert a == b and a != want[:16]
 
 
+def test_prefix_cache_usage_and_metrics(server, chat_tail):
+    """A repeated conversation reuses the finished one's cache: usage says how much, /metrics the hit rate."""
+    msgs = [{"role": "system", "content": "Cache me."}, {"role": "user", "content": "The same question twice."}]
+    n_prompt = len(server.llm.chat_ids(msgs))
+    first, second = (post(server.url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 5}).json() for _ in range(2))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"] == chain(chat_tail, 5)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < n_prompt - 1
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt - 1  # one token runs, for its logits
+    text = httpx.get(server.url + "/metrics").text
+    rate = float(text.split("\nllamaforge_prefix_cache_hit_rate ")[1].split()[0])
+    assert 0 < rate < 1 and "llamaforge_prefix_cache_entries" in text and "llamaforge_prompt_tokens_cached" in text
+
+
 def test_openai_client_completions(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -12,6 +12,8 @@ from llamaforge import LlamaforgeError, ModelConfig, SamplingConfig
 from llamaforge.serving.engine import Engine, QueueFull, Sequence
 from llamaforge.model import Transformer
 
+from conftest import OnlyEven
+
 TIE = 1e-4  # two logits this close are a tie: either token is a correct greedy choice
 
 
@@ -245,32 +247,11 @@ def test_same_prompt_rows_share_one_prefill(model):
     assert len({tuple(o) for o in outs[:3]}) > 1
 
 
-class OnlyEven:
-    """A constraint that allows even token ids only and ends after 5 tokens: the engine's hook protocol."""
-
-    def __init__(self):
-        self.n, self.seen = 0, []
-
-    def mask(self, logits, remaining=None):
-        keep = torch.zeros(logits.size(-1), dtype=torch.bool)
-        keep[::2] = True
-        return logits.masked_fill(~keep, float("-inf"))
-
-    def advance(self, token, remaining=None):
-        self.n += 1
-        self.seen.append(remaining)
-        return token
-
-    @property
-    def done(self):
-        return self.n >= 5
-
-
 def test_constraint_hook_per_row(model):
     ps = prompts(3, seed=4)
     engine = Engine(model, max_batch=3, max_seq_len=128)
     try:
-        hooks = [OnlyEven(), None, OnlyEven()]
+        hooks = [OnlyEven(5), None, OnlyEven(5)]
         seqs = [Sequence(p, greedy(20), constraint=h) for p, h in zip(ps, hooks)]
         outs = run(engine, seqs)
     finally:
@@ -281,3 +262,80 @@ def test_constraint_hook_per_row(model):
         else:
             assert len(out) == 5 and all(t % 2 == 0 for t in out) and s.finish_reason == "stop"
             assert h.seen == [20, 19, 18, 17, 16]  # the budget left, this token included
+
+
+# ---- prefix cache ----
+
+def test_prefix_cache_reuses_finished_and_running_sequences(model):
+    """Prompts sharing a system-prompt-like prefix: later ones start from the pooled or running row's
+    keys and values and still decode exactly what they decode alone, joined in one batch or not."""
+    g = torch.Generator().manual_seed(7)
+    system = torch.randint(0, 512, (48,), generator=g).tolist()
+    tails = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (3, 9, 1, 20, 6, 14)]
+    ps = [system + t for t in tails]
+    lengths = [6, 25, 9, 4, 18, 11]
+    plain = Engine(model, max_batch=3, max_seq_len=128, prefix_cache_bytes=0)
+    try:
+        want = run(plain, [Sequence(p, greedy(n)) for p, n in zip(ps, lengths)])
+    finally:
+        plain.stop()
+    assert plain.stats["cached_tokens"] == 0
+    engine = Engine(model, max_batch=3, max_seq_len=128)
+    try:
+        first = Sequence(ps[0], greedy(lengths[0]))
+        assert run(engine, [first])[0] == want[0] and first.cached_tokens == 0
+        time.sleep(0.05)
+        assert len(engine.prefix_cache) == 1
+        # a second identical conversation turn: the whole earlier sequence is a prefix of it
+        again = Sequence(ps[0] + want[0] + [1, 2], greedy(5))
+        assert again.cached_tokens == 0
+        out = run(engine, [again])[0]
+        check_greedy(model, again.prompt, out)
+        assert again.cached_tokens == len(ps[0]) + len(want[0]) - 1
+        seqs = [Sequence(p, greedy(n)) for p, n in zip(ps[1:], lengths[1:])]
+        outs = run(engine, seqs)
+    finally:
+        engine.stop()
+    assert outs == want[1:]
+    assert all(s.cached_tokens >= len(system) for s in seqs)
+    st = engine.stats
+    assert st["cached_tokens"] + st["prefilled_tokens"] == st["prompt_tokens"] and st["cached_tokens"] > 5 * len(system)
+
+
+def test_prefix_cache_rows_with_different_reuse_batch_together(model):
+    """One prefill over rows that reuse 0, some or almost all of their prompts equals each alone."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(0, 512, (60,), generator=g).tolist()
+    engine = Engine(model, max_batch=4, max_seq_len=128)
+    try:
+        run(engine, [Sequence(base, greedy(3))])
+        time.sleep(0.05)
+        ps = [base[:30] + [1, 2, 3], torch.randint(0, 512, (25,), generator=g).tolist(), base + [4], base[:10] + [9] * 40]
+        seqs = [Sequence(p, greedy(12)) for p in ps]
+        outs = run(engine, seqs)
+    finally:
+        engine.stop()
+    assert [s.cached_tokens for s in seqs] == [30, 0, 60, 10]
+    for p, out in zip(ps, outs):
+        check_greedy(model, p, out)
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget(model):
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(0, 512, (40,), generator=g).tolist() for _ in range(3)]
+    per_token = sum(2 * l.attention.kv_cache.k_cache[0, :, :1].numel() * 4 for l in model.layers)  # k and v, fp32
+    engine = Engine(model, max_batch=2, max_seq_len=128, prefix_cache_bytes=100 * per_token)  # two 44-token entries
+    try:
+        for p in ps:
+            run(engine, [Sequence(p, greedy(5))])
+            time.sleep(0.05)
+        pool = engine.prefix_cache
+        assert len(pool) == 2 and pool.bytes <= pool.budget
+        assert pool.lookup(ps[0])[0] == 0 and pool.lookup(ps[2])[0] == 40  # the oldest went first
+        s0, s1 = Sequence(ps[0] + [1], greedy(4)), Sequence(ps[1] + [1], greedy(4))
+        outs = run(engine, [s0, s1])
+    finally:
+        engine.stop()
+    assert s0.cached_tokens == 0 and s1.cached_tokens == 40
+    check_greedy(model, s0.prompt, outs[0])
+    check_greedy(model, s1.prompt, outs[1])
