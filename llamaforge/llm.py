@@ -124,21 +124,27 @@ class LLM:
         self.chat_format = chat_format
         self.source = source
         self.device = next(model.parameters()).device
-        self.set_decode("eager")
+        self.set_decode("auto")
 
     def set_decode(self, mode: str) -> "LLM":
-        """How single-token decode steps run: 'eager' (the default); 'trace' (a TorchScript trace of the step,
-        made in ~1 s per cache and 256 positions: 1.4x faster on a CPU, but each trace holds ~50-80 MB for
-        the life of the process, see generate.TracedDecode); 'compile' (torch.compile: fused code, but the
-        first token after each new cache size waits for compilation, ~50 s on 2 cores)."""
-        if mode == "eager":
+        """How single-token decode steps run: 'auto' (the default: the fused native step of llamaforge.native,
+        for every caller of the model, the server's batched rows included, where the kernels are built and
+        read every weight; eager otherwise); 'eager' (PyTorch ops); 'trace' (a TorchScript trace of the eager
+        step, made in ~1 s per cache and 256 positions, but each trace holds ~50-80 MB for the life of the
+        process, see generate.TracedDecode); 'compile' (torch.compile: the first token after each new cache
+        size waits for compilation, ~50 s on 2 cores)."""
+        if mode not in ("auto", "eager", "trace", "compile"):
+            raise LlamaforgeError(f"unknown decode mode {mode!r}: use auto, eager, trace or compile")
+        from .native.decode import install, installed
+        step = install(self.model) if mode == "auto" and self.device.type == "cpu" else installed(self.model)
+        if step is not None:
+            step.enabled = mode == "auto"
+        if mode in ("auto", "eager"):
             self.decode = decode_step
         elif mode == "trace":
             self.decode = TracedDecode()
         elif mode == "compile":
             self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
-        else:
-            raise LlamaforgeError(f"unknown decode mode {mode!r}: use eager, trace or compile")
         self.decode_mode = mode
         return self
 
