@@ -17,7 +17,7 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, TextStream, TracedDecode, decode_one_token, decode_step, generate
+from .generate import SamplingConfig, TextStream, decode_one_token, decode_step, generate
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -129,22 +129,20 @@ class LLM:
     def set_decode(self, mode: str) -> "LLM":
         """How single-token decode steps run: 'auto' (the default: the fused native step of llamaforge.native,
         for every caller of the model, the server's batched rows included, where the kernels are built and
-        read every weight; eager otherwise); 'eager' (PyTorch ops); 'trace' (a TorchScript trace of the eager
-        step, made in ~1 s per cache and 256 positions, but each trace holds ~50-80 MB for the life of the
-        process, see generate.TracedDecode); 'compile' (torch.compile: the first token after each new cache
-        size waits for compilation, ~50 s on 2 cores)."""
-        if mode not in ("auto", "eager", "trace", "compile"):
-            raise LlamaforgeError(f"unknown decode mode {mode!r}: use auto, eager, trace or compile")
+        read every weight; eager otherwise); 'eager' (PyTorch ops, one by one); 'compile' (torch.compile of
+        the eager step, for float and int4/int8 models: the first token after each new cache size waits for
+        compilation, ~50 s on 2 cores)."""
+        if mode not in ("auto", "eager", "compile"):
+            raise LlamaforgeError(f"unknown decode mode {mode!r}: use auto, eager or compile")
         from .native.decode import install, installed
+        from .quantize import BlockLinear
+        if mode == "compile" and any(isinstance(m, BlockLinear) for m in self.model.modules()):
+            raise LlamaforgeError("decode mode 'compile' cannot compile the native GGUF block kernels: use auto (the fused "
+                                  "native step, faster), or load with quantize='int4' to compile PyTorch's int4 kernels")
         step = install(self.model) if mode == "auto" and self.device.type == "cpu" else installed(self.model)
         if step is not None:
             step.enabled = mode == "auto"
-        if mode in ("auto", "eager"):
-            self.decode = decode_step
-        elif mode == "trace":
-            self.decode = TracedDecode()
-        elif mode == "compile":
-            self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+        self.decode = decode_step if mode != "compile" else torch.compile(decode_one_token, dynamic=False, fullgraph=True)
         self.decode_mode = mode
         return self
 

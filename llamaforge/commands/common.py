@@ -88,9 +88,9 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     add_threads_flag(p)
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weights in memory: auto keeps GGUF blocks quantized (int4/int8), none dequantizes to float")
-    p.add_argument("--decode", default=None, choices=["auto", "eager", "trace", "compile"],
+    p.add_argument("--decode", default=None, choices=["auto", "eager", "compile"],
                    help="how decode steps run: auto (default: the fused native step where the model allows, else eager), "
-                        "eager (PyTorch ops), trace (~50-80 MB per trace kept), compile")
+                        "eager (PyTorch ops), compile (torch.compile; float and int4/int8 models)")
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter to apply (`llamaforge finetune` output or PEFT layout)")
