@@ -124,40 +124,44 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
 
+// One block's contribution: its int32x8 partial dot products scaled into acc, its offset term into corr.
+// Two independent accumulator pairs: the fmadd chain (4 cycles a block) would otherwise bound the loop.
 #define DEFINE_SIMD_DOTS(SUFFIX, TARGET, UDOT)                                                         \
-  TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) {                           \
-    __m256 acc = _mm256_setzero_ps(); float corr = 0;                                               \
-    for (int b = 0; b < nb; b++, w += 18) {                                                          \
-      float d = _cvtsh_ss(*(const uint16_t*)w);                                                      \
-      __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                       \
-      __m256i s = UDOT(nibbles32(w + 2), xq);                                                        \
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                 \
-      corr += d * x.s[b];                                                                            \
-    }                                                                                                \
-    return hsum8(acc) - 8 * corr;                                                                    \
+  TARGET inline void q4_block_##SUFFIX(const uint8_t* w, int hdr, bool min, const QRow& x, int b, __m256& acc, float& corr) { \
+    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
+    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
+    __m256i s = UDOT(nibbles32(w + hdr), xq);                                                        \
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
+    corr += (min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d) * x.s[b];                               \
   }                                                                                                  \
-  TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) {                           \
-    __m256 acc = _mm256_setzero_ps(); float corr = 0;                                               \
-    for (int b = 0; b < nb; b++, w += 20) {                                                          \
-      float d = _cvtsh_ss(*(const uint16_t*)w), m = _cvtsh_ss(*(const uint16_t*)(w + 2));            \
-      __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                       \
-      __m256i s = UDOT(nibbles32(w + 4), xq);                                                        \
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                 \
-      corr += m * x.s[b];                                                                            \
+  TARGET inline float q4_dot_##SUFFIX(const uint8_t* w, const QRow& x, int nb, int hdr, bool min) {  \
+    int bb = hdr + 16;                                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); float c0 = 0, c1 = 0;                \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 2 * bb) {                                                        \
+      q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                                  \
+      q4_block_##SUFFIX(w + bb, hdr, min, x, b + 1, a1, c1);                                         \
     }                                                                                                \
-    return hsum8(acc) + corr;                                                                        \
+    if (b < nb) q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                        \
+    float r = hsum8(_mm256_add_ps(a0, a1)), c = c0 + c1;                                             \
+    return min ? r + c : r - 8 * c;                                                                  \
+  }                                                                                                  \
+  TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 2, false); } \
+  TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 4, true); }  \
+  TARGET inline void q8_block_##SUFFIX(const uint8_t* w, const QRow& x, int b, __m256& acc) {        \
+    /* signed x signed: |w| as unsigned times x with w's sign (ggml's mul_sum_i8_pairs) */            \
+    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
+    __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2));                                        \
+    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
+    __m256i s = UDOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                            \
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
   }                                                                                                  \
   TARGET float dot_q8_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) {                           \
-    /* signed x signed: |w| as unsigned times x with w's sign (ggml's mul_sum_i8_pairs) */            \
-    __m256 acc = _mm256_setzero_ps();                                                               \
-    for (int b = 0; b < nb; b++, w += 34) {                                                          \
-      float d = _cvtsh_ss(*(const uint16_t*)w);                                                      \
-      __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2));                                      \
-      __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                       \
-      __m256i s = UDOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                          \
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                 \
-    }                                                                                                \
-    return hsum8(acc);                                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                      \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 68) { q8_block_##SUFFIX(w, x, b, a0); q8_block_##SUFFIX(w + 34, x, b + 1, a1); } \
+    if (b < nb) q8_block_##SUFFIX(w, x, b, a0);                                                      \
+    return hsum8(_mm256_add_ps(a0, a1));                                                             \
   }                                                                                                  \
   TARGET float dot_f32_##SUFFIX(const float* w, const float* x, int K) {                              \
     __m256 acc = _mm256_setzero_ps(); int k = 0;                                                    \
