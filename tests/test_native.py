@@ -153,6 +153,19 @@ def test_batched_rows_at_their_own_positions_equal_single_steps(tiny_gguf):
 
 
 @needs_native
+def test_evaluation_padded_batches_run_the_fused_step(tiny_gguf):
+    """evaluation.scoring.generate_greedy: right-padded rows, a key mask and one shared cache slot per step."""
+    from llamaforge.evaluation.scoring import generate_greedy
+    llm = llamaforge.load(tiny_gguf)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (4, 11, 7)]
+    run = lambda: generate_greedy(llm.model, prompts, 12, lambda new: False)  # noqa: E731
+    fused = run()
+    assert installed(llm.model).steps == 11  # 12 tokens: the first from the prompt's hidden states
+    llm.set_decode("eager")
+    assert run() == fused and installed(llm.model).steps == 11
+
+
+@needs_native
 def test_unmerged_lora_falls_back_to_eager(tiny_gguf):
     from llamaforge.lora import LoRAConfig, apply_lora
     llm = llamaforge.load(tiny_gguf)
@@ -183,6 +196,19 @@ def rss_mb() -> float:
 
 
 @needs_native
+def test_many_chats_keep_memory_flat(tiny_gguf):
+    llm = llamaforge.load(tiny_gguf)
+    cfg = SamplingConfig(max_new_tokens=150, temperature=0.9, seed=0)
+    chat = lambda n: list(generate(llm.model, [3 + n % 50] * (5 + n % 40), cfg, decode=llm.decode))  # noqa: E731
+    for n in range(50):  # the allocator's pools settle over the first ~40 chats, in eager mode alike
+        chat(n)
+    first = rss_mb()
+    for n in range(50, 110):
+        chat(n)
+    assert installed(llm.model).steps > 5000 and rss_mb() - first < 10
+
+
+@needs_native
 @pytest.mark.slow
 @needs_default_model
 def test_default_model_fused_step_close_to_fp32_and_memory_flat(default_llm, default_llm_q):
@@ -196,8 +222,9 @@ def test_default_model_fused_step_close_to_fp32_and_memory_flat(default_llm, def
     assert kl(fused, ref) < 0.01 and (fused.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     cfg = SamplingConfig(max_new_tokens=200, temperature=0.8, seed=0)
     chat = lambda n: list(generate(llm.model, llm.tokenizer.encode(f"Story number {n}:"), cfg, decode=llm.decode))  # noqa: E731
-    chat(0)
+    for n in range(5):
+        chat(n)
     first = rss_mb()
-    for n in range(1, 30):
+    for n in range(5, 25):
         chat(n)
     assert rss_mb() - first < 50  # no per-chat growth: the step keeps nothing between calls

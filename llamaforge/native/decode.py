@@ -4,9 +4,9 @@ decode step pays no Python or per-op cost (a ~1,000-op eager step for SmolLM2-13
 
 `install(model)` puts it in front of the model's forward (an instance attribute, so model.py stays
 unaware of it): every caller that runs `model(tokens, input_pos)` for one token per row against the
-static KV cache (generate(), the serving engine's batched rows, evaluation's generation) gets it, and
-every other call (prompts, scoring with explicit masks or slots, training with gradients, hidden
-states) runs the eager forward. The step reads and writes the model's own KVCache tensors, so eager
+static KV cache (generate(), the serving engine's batched rows at their own positions, evaluation's
+padded batches with a key mask and a shared slot, hidden states or logits) gets it, and every other
+call (prompts, scoring, training with gradients) runs the eager forward. The step reads and writes the model's own KVCache tensors, so eager
 prefill and native decode share one cache. A swapped module (an unmerged LoRA layer) or a cache the
 step cannot read sends the call back to the eager forward.
 """
@@ -41,24 +41,32 @@ class NativeDecode:
         self.modules = [(p, a, p._modules[a]) for p, a in _parents(model)]  # what the step was built from
         self.steps = 0
 
-    def usable(self, tokens, input_pos, mask, slots, span, last_only, hidden) -> bool:
-        if not self.enabled or input_pos is None or mask is not None or slots is not None or hidden:
+    def usable(self, tokens, input_pos, mask, slots) -> bool:
+        """One token per row at known positions, against a float32 CPU cache, no gradients, the weights the
+        step was built from. Masks and slots are the one-token kinds: a key mask (B or 1, 1, 1, S) and
+        one shared or per-row slot (evaluation's padded batches)."""
+        if not self.enabled or input_pos is None or tokens.dim() != 2 or tokens.size(1) != 1:
             return False
-        if tokens.dim() != 2 or tokens.size(1) != 1 or tokens.device.type != "cpu" or torch.is_grad_enabled():
+        B = tokens.size(0)
+        if tokens.device.type != "cpu" or torch.is_grad_enabled() or input_pos.numel() not in (1, B):
             return False
-        if input_pos.dim() == 2 and input_pos.shape != tokens.shape or input_pos.dim() == 1 and input_pos.numel() != 1:
+        if mask is not None and (mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[1:3] != (1, 1) or mask.size(0) not in (1, B)):
+            return False
+        if slots is not None and slots.numel() not in (1, B):
             return False
         cache = self.model.layers[0].attention.kv_cache
-        if cache is None or cache.k_cache.dtype != torch.float32 or cache.k_cache.size(0) < tokens.size(0):
+        if cache is None or cache.k_cache.dtype != torch.float32 or cache.k_cache.size(0) < B:
             return False
         return all(p._modules.get(a) is m for p, a, m in self.modules)
 
     def __call__(self, tokens, input_pos=None, mask=None, slots=None, span=None, last_only=False, hidden=False):
-        if not self.usable(tokens, input_pos, mask, slots, span, last_only, hidden):
+        if not self.usable(tokens, input_pos, mask, slots):
             return self.eager(tokens, input_pos, mask, slots, span, last_only, hidden)
         m = self.model
         B = tokens.size(0)
-        pos = input_pos.reshape(-1).expand(B) if input_pos.dim() == 1 else input_pos.reshape(-1)
+        pos = input_pos.reshape(-1).expand(B).long().contiguous()
+        slots = pos if slots is None else slots.reshape(-1).expand(B).long().contiguous()
+        keys = _EMPTY if mask is None else mask[:, 0, 0].expand(B, -1).contiguous()  # (B, S): the slots each row attends
         ks, vs = [], []
         for layer in m.layers:
             c = layer.attention.kv_cache
@@ -66,7 +74,10 @@ class NativeDecode:
             vs.append(c.v_cache)
         rope = m.rope(m.max_seq_len, "cpu")
         self.steps += 1
-        return self.net.step(tokens.reshape(-1).long().contiguous(), pos.long().contiguous(), ks, vs, rope)
+        return self.net.step(tokens.reshape(-1).long().contiguous(), pos, slots, keys, ks, vs, rope, hidden)
+
+
+_EMPTY = torch.empty(0, 0, dtype=torch.bool)
 
 
 def _parents(model):

@@ -334,14 +334,23 @@ class Model {
     }
   }
 
-  // tokens (B,), pos (B,) int64; caches: k, v per layer (Bc, n_kv, S, hd) fp32; rope (>= S, hd/2, 2) fp32
-  torch::Tensor step(torch::Tensor tokens, torch::Tensor pos, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
-                     torch::Tensor rope_table) {
+  // tokens (B,), pos (B,) rotary positions, slots (B,) cache slots written, int64; mask: empty (attend slots
+  // 0..slot) or (B, Sm) bool (attend slot s < Sm where set); caches: k, v per layer (Bc, n_kv, S, hd) fp32,
+  // contiguous; rope (> max pos, hd/2, 2) fp32. Returns logits (B, 1, vocab), or the final-norm hidden
+  // states (B, 1, dim) with `want_hidden`.
+  torch::Tensor step(torch::Tensor tokens, torch::Tensor pos, torch::Tensor slots, torch::Tensor mask,
+                     std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc, torch::Tensor rope_table, bool want_hidden) {
     int B = (int)tokens.size(0);
-    auto tok = tokens.contiguous(); auto ps = pos.contiguous();
-    const int64_t* tk = tok.data_ptr<int64_t>(); const int64_t* pp = ps.data_ptr<int64_t>();
+    auto tok = tokens.contiguous(); auto ps = pos.contiguous(); auto sl = slots.contiguous();
+    const int64_t* tk = tok.data_ptr<int64_t>(); const int64_t* pp = ps.data_ptr<int64_t>(); const int64_t* ss = sl.data_ptr<int64_t>();
     int64_t S = kc[0].size(2);
-    for (int b = 0; b < B; b++) TORCH_CHECK(pp[b] >= 0 && pp[b] < S && tk[b] >= 0 && tk[b] < vocab, "native.step: position or token out of range");
+    TORCH_CHECK((int64_t)kc.size() == n_layers && kc[0].size(0) >= B && kc[0].is_contiguous(), "native.step: caches do not match the model");
+    int64_t Sm = mask.numel() ? mask.size(1) : 0;
+    TORCH_CHECK(!Sm || (mask.scalar_type() == torch::kBool && mask.size(0) == B && mask.is_contiguous() && Sm <= S), "native.step: bad mask");
+    const bool* mk = Sm ? mask.data_ptr<bool>() : nullptr;
+    for (int b = 0; b < B; b++)
+      TORCH_CHECK(pp[b] >= 0 && pp[b] < rope_table.size(0) && ss[b] >= 0 && ss[b] < S && tk[b] >= 0 && tk[b] < vocab,
+                  "native.step: position, slot or token out of range");
     const float* rt = rope_table.data_ptr<float>();
     int qd = n_heads * hd, kd = n_kv * hd;
     std::vector<float> x(B * dim), xn(B * dim), q(B * qd), k(B * kd), v(B * kd), att(B * qd), h1(B * hidden), h3(B * hidden), tmp(B * dim);
@@ -362,12 +371,12 @@ class Model {
         rope(q.data() + b * qd, cs, n_heads, hd);
         rope(k.data() + b * kd, cs, n_kv, hd);
         for (int g = 0; g < n_kv; g++) {
-          int64_t off = (((int64_t)b * n_kv + g) * S + pp[b]) * hd;
+          int64_t off = (((int64_t)b * n_kv + g) * S + ss[b]) * hd;
           std::memcpy(K0 + off, k.data() + b * kd + g * hd, hd * 4);
           std::memcpy(V0 + off, v.data() + b * kd + g * hd, hd * 4);
         }
       }
-      attention(B, pp, K0, V0, S, q.data(), att.data());
+      attention(B, ss, mk, Sm, K0, V0, S, q.data(), att.data());
       prepare(L.wo, B, att.data(), xq);
       matvec(L.wo, B, att.data(), xq, tmp.data(), dim);
       for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
@@ -382,6 +391,11 @@ class Model {
       for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
     }
     for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
+    if (want_hidden) {
+      auto h = torch::empty({B, 1, (int64_t)dim}, torch::kFloat32);
+      std::memcpy(h.data_ptr<float>(), xn.data(), (size_t)B * dim * 4);
+      return h;
+    }
     auto logits = torch::empty({B, 1, (int64_t)vocab}, torch::kFloat32);
     prepare(out, B, xn.data(), xq);
     matvec(out, B, xn.data(), xq, logits.data_ptr<float>(), vocab);
@@ -409,8 +423,10 @@ class Model {
     }
   }
 
-  // softmax(q k^T / sqrt(hd)) v over cache slots 0..pos of each row; query head h reads kv head h / rep
-  void attention(int B, const int64_t* pp, const float* K0, const float* V0, int64_t S, const float* q, float* out) {
+  // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each row (or the slots its mask row sets);
+  // query head h reads kv head h / rep
+  void attention(int B, const int64_t* ss, const bool* mk, int64_t Sm, const float* K0, const float* V0, int64_t S,
+                 const float* q, float* out) {
     int rep = n_heads / n_kv, qd = n_heads * hd;
     float scale = 1.f / std::sqrt((float)hd);
     const Dots& D = dots();
@@ -418,18 +434,23 @@ class Model {
       std::vector<float> sc;
       for (int64_t i = i0; i < i1; i++) {
         int b = (int)(i / n_heads), h = (int)(i % n_heads), g = h / rep;
-        int64_t n = pp[b] + 1;
+        int64_t n = mk ? Sm : ss[b] + 1;
+        const bool* keep = mk ? mk + b * Sm : nullptr;
         const float* Kb = K0 + ((int64_t)b * n_kv + g) * S * hd;
         const float* Vb = V0 + ((int64_t)b * n_kv + g) * S * hd;
         const float* qh = q + b * qd + h * hd;
         sc.resize(n);
         float mx = -INFINITY;
-        for (int64_t s = 0; s < n; s++) { sc[s] = D.f32(Kb + s * hd, qh, hd) * scale; mx = std::max(mx, sc[s]); }
+        for (int64_t s = 0; s < n; s++) {
+          sc[s] = (!keep || keep[s]) ? D.f32(Kb + s * hd, qh, hd) * scale : -INFINITY;
+          mx = std::max(mx, sc[s]);
+        }
         float sum = 0;
-        for (int64_t s = 0; s < n; s++) { sc[s] = std::exp(sc[s] - mx); sum += sc[s]; }
+        for (int64_t s = 0; s < n; s++) { sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - mx); sum += sc[s]; }
         float* o = out + b * qd + h * hd;
         for (int j = 0; j < hd; j++) o[j] = 0;
         for (int64_t s = 0; s < n; s++) {
+          if (sc[s] == 0.f) continue;
           float p = sc[s] / sum; const float* vs = Vb + s * hd;
           for (int j = 0; j < hd; j++) o[j] += p * vs[j];
         }
