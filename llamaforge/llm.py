@@ -17,8 +17,7 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import (SamplingConfig, TextStream, TracedDecode, cache_length, decode_one_token, decode_step, generate,
-                       keep_cache)
+from .generate import SamplingConfig, TextStream, cache_length, decode_one_token, decode_step, generate, keep_cache
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -154,7 +153,7 @@ class LLM:
         self.chat_format = chat_format
         self.source = source
         self.device = next(model.parameters()).device
-        self.set_decode("eager")
+        self.set_decode("auto")
         self.cache = ConversationCache()  # `prompt_cache = False` turns the reuse off
         self.prompt_cache = isinstance(model, torch.nn.Module)  # not through a tensor-parallel Leader (parallel.py)
         self.drafter = None  # set_speculative
@@ -188,18 +187,25 @@ class LLM:
         return self
 
     def set_decode(self, mode: str) -> "LLM":
-        """How single-token decode steps run: 'eager' (the default); 'trace' (a TorchScript trace of the step,
-        made in ~1 s per cache and 256 positions: 1.4x faster on a CPU, but each trace holds ~50-80 MB for
-        the life of the process, see generate.TracedDecode); 'compile' (torch.compile: fused code, but the
-        first token after each new cache size waits for compilation, ~50 s on 2 cores)."""
-        if mode == "eager":
-            self.decode = decode_step
-        elif mode == "trace":
-            self.decode = TracedDecode()
-        elif mode == "compile":
-            self.decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
-        else:
-            raise LlamaforgeError(f"unknown decode mode {mode!r}: use eager, trace or compile")
+        """How single-token decode steps run: 'auto' (the default: the fused native step of llamaforge.native,
+        for every caller of the model, the server's batched rows included, where the kernels are built and
+        read every weight; eager otherwise); 'eager' (PyTorch ops, one by one); 'compile' (torch.compile of
+        the eager step, for float and int4/int8 models: the first token after each new cache size waits for
+        compilation, ~50 s on 2 cores)."""
+        if mode not in ("auto", "eager", "compile"):
+            raise LlamaforgeError(f"unknown decode mode {mode!r}: use auto, eager or compile")
+        if not isinstance(self.model, torch.nn.Module):  # a tensor-parallel Leader (parallel.py): eager steps on every rank
+            self.decode, self.decode_mode = decode_step, "eager"
+            return self
+        from .native.decode import install, installed
+        from .quantize import BlockLinear
+        if mode == "compile" and any(isinstance(m, BlockLinear) for m in self.model.modules()):
+            raise LlamaforgeError("decode mode 'compile' cannot compile the native GGUF block kernels: use auto (the fused "
+                                  "native step, faster), or load with quantize='int4' to compile PyTorch's int4 kernels")
+        step = install(self.model) if mode == "auto" and self.device.type == "cpu" else installed(self.model)
+        if step is not None:
+            step.enabled = mode == "auto"
+        self.decode = decode_step if mode != "compile" else torch.compile(decode_one_token, dynamic=False, fullgraph=True)
         self.decode_mode = mode
         return self
 

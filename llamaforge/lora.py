@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import LlamaforgeError
-from .quantize import Int4Linear, Int8Linear
+from .quantize import QUANTIZED_LINEARS, BlockLinear, Int4Linear, Int8Linear
 
 # target -> the block submodule holding it (Meta names; HF names live in weights.HF_NAMES)
 TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
@@ -115,7 +115,7 @@ class _FrozenQuantLinear(torch.autograd.Function):
 
 def frozen_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` differentiable in x: a quantized layer runs as a dequantized (not saved) matmul."""
-    if isinstance(layer, (Int8Linear, Int4Linear)):
+    if isinstance(layer, QUANTIZED_LINEARS):
         return _FrozenQuantLinear.apply(x, layer)
     return layer(x)
 
@@ -134,7 +134,7 @@ class LoRAMixin:
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quantized = isinstance(self, (Int8Linear, Int4Linear))
+        quantized = isinstance(self, QUANTIZED_LINEARS)
         if quantized and (self.training or x.requires_grad):  # the packed decode kernels have no backward
             y = _FrozenQuantLinear.apply(x, self)
         else:
@@ -164,7 +164,11 @@ class LoRAInt4Linear(LoRAMixin, Int4Linear):
     """QLoRA over an int4 projection."""
 
 
-LORA_TYPES = {nn.Linear: LoRALinear, Int8Linear: LoRAInt8Linear, Int4Linear: LoRAInt4Linear}
+class LoRABlockLinear(LoRAMixin, BlockLinear):
+    """QLoRA over a projection kept as GGUF blocks."""
+
+
+LORA_TYPES = {nn.Linear: LoRALinear, Int8Linear: LoRAInt8Linear, Int4Linear: LoRAInt4Linear, BlockLinear: LoRABlockLinear}
 
 
 def lora_layer(base: nn.Module, lc: LoRAConfig) -> nn.Module:

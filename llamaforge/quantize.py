@@ -268,6 +268,75 @@ class Int8Embedding(nn.Module):
         return self.table.weight[ids].float() * self.table.scales[ids][..., None].float()
 
 
+class BlockLinear(nn.Module):
+    """y = x W^T with W kept as the GGUF file's Q4_0 / Q4_1 / Q8_0 blocks, as stored (rows of blocks, uint8,
+    a view of the mapped file: nothing is repacked at load). Few-row inputs (decode) run native int8 dot
+    products over the blocks (llamaforge.native); many-row inputs dequantize the weight natively and run a
+    GEMM: bf16 where the CPU does bf16 in hardware (AMX / AVX512_BF16), fp32 elsewhere."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int):
+        super().__init__()
+        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.size(0)
+        self.register_buffer("weight", blocks)  # (N, K / 32 * bytes per block) uint8
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        from . import native
+        k = native.kernels()
+        if k is not None and self.weight.device.type == "cpu":
+            kd = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return k.dequantize(self.weight, native.QTYPES[self.qtype], self.in_features, kd).to(dtype)
+        import gguf
+        from .gguf import dequantize
+        w = dequantize(self.weight.cpu(), gguf.GGMLQuantizationType[self.qtype], (self.out_features, self.in_features))
+        return w.to(device=self.weight.device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import native
+        x2 = x.reshape(-1, self.in_features)
+        k = native.kernels() if x.device.type == "cpu" else None
+        grad = torch.is_grad_enabled() and x.requires_grad  # the native kernels have no backward
+        if k is not None and not grad and x2.size(0) <= DECODE_ROWS:
+            y = k.linear(x2, self.weight, native.QTYPES[self.qtype], self.in_features).to(x.dtype)
+        elif not grad and x.dtype == torch.float32 and x.device.type == "cpu" and bf16_prefill():
+            y = F.linear(x2.to(torch.bfloat16), self.dequantize(torch.bfloat16)).float()
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+
+
+class BlockEmbedding(nn.Module):
+    """Token embedding read from GGUF blocks (shares its table with a tied BlockLinear output)."""
+
+    def __init__(self, table: BlockLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        rows = BlockLinear(t.weight[ids.reshape(-1)], t.qtype, t.in_features)  # (n, row bytes): only these rows
+        return rows.dequantize().view(*ids.shape, t.in_features)
+
+
+def bf16_prefill() -> bool:
+    """Prompt GEMMs in bf16: on where the CPU has AMX / AVX512_BF16 (475 -> 75 ms for a 512-token
+    SmolLM2 prefill), off where oneDNN emulates bf16 (4-5x slower than fp32); LLAMAFORGE_BF16=0/1 forces it."""
+    global _BF16
+    if _BF16 is None:
+        import os
+        from .native import cpu_has_fast_bf16
+        env = os.environ.get("LLAMAFORGE_BF16")
+        _BF16 = env not in ("0", "false", "off") if env is not None else cpu_has_fast_bf16()
+    return _BF16
+
+
+_BF16: bool | None = None
+
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear, BlockLinear)  # weights that are not float parameters
+
+
 # ---- whole models ----
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
@@ -352,17 +421,22 @@ def module_from_gguf(raw: torch.Tensor, qtype: str, shape: tuple[int, int], mode
 def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, dtype: torch.dtype, device: str):
     """Build the model tensor by tensor from the mapped GGUF file: quantized weights are repacked
     into int4/int8 modules (quantize.module_from_gguf) and never exist as a whole fp32 model."""
+    from . import native
     from .gguf import map_name
     from .model import Transformer
     with torch.device("meta"):
         net = Transformer(cfg)
     floats = {}
+    as_blocks = mode == "auto" and device == "cpu" and group_size == 32 and native.available()
     for gname, t in gf.tensors.items():
         if gname == "rope_freqs.weight":
             continue
         name = map_name(gname, to_gguf=False)
         if name is None:
             raise LlamaforgeError(f"{gf.path}: unexpected tensor {gname!r} for a llama model")
+        if as_blocks and t.qtype.name in native.BLOCK_BYTES and len(t.shape) == 2 and t.shape[1] % 32 == 0:
+            _put_blocks(net, name, BlockLinear(gf.raw(gname), t.qtype.name, t.shape[1]), cfg)  # mapped, not copied
+            continue
         if t.qtype.name not in ("F32", "F16", "BF16") or mode in ("int8", "int4"):
             if name in ("tok_embeddings.weight", "output.weight"):  # int8 table (Q8_0-class precision)
                 table = module_from_gguf(gf.raw(gname), t.qtype.name, t.shape, "int8")
@@ -395,6 +469,18 @@ def build_quantized_from_gguf(gf, cfg: ModelConfig, mode: str, group_size: int, 
     net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
     _trim_heap()
     return net.eval()
+
+
+def _put_blocks(net: nn.Module, name: str, mod: BlockLinear, cfg: ModelConfig) -> None:
+    if name == "tok_embeddings.weight":
+        net.tok_embeddings = BlockEmbedding(mod)
+        if cfg.tie_embeddings:
+            net.output = mod
+    elif name == "output.weight":
+        net.output = mod
+    else:
+        parent, attr = name.removesuffix(".weight").rsplit(".", 1)
+        net.get_submodule(parent).add_module(attr, mod)
 
 
 def _trim_heap() -> None:

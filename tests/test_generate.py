@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llamaforge.errors import LlamaforgeError
-from llamaforge.generate import SamplingConfig, TracedDecode, apply_repetition_penalty, generate, logits_to_probs, sample
+from llamaforge.generate import SamplingConfig, apply_repetition_penalty, generate, logits_to_probs, sample
 from llamaforge.model import Transformer
 
 
@@ -66,7 +66,7 @@ def test_seeded_sampling_is_reproducible(tiny_config):
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
-def test_traced_decode_equals_eager_and_retraces_per_cache_and_span(tiny_config, quantize, monkeypatch):
+def test_decode_over_the_filled_span_equals_whole_cache_attention(tiny_config, quantize):
     import dataclasses
 
     from llamaforge.quantize import quantize_model
@@ -76,34 +76,10 @@ def test_traced_decode_equals_eager_and_retraces_per_cache_and_span(tiny_config,
     if quantize:
         quantize_model(model, quantize, group_size=32)
     cfg = SamplingConfig(temperature=0, max_new_tokens=12)
-    monkeypatch.setattr(TracedDecode, "made", 0)
-    traced = TracedDecode()
-    # the second prompt crosses a span boundary (256) while decoding: a second trace, same tokens
-    for prompt in ([5, 17, 42, 8], [9, 4] * 125):
+    for prompt in ([5, 17, 42, 8], [9, 4] * 125):  # the second crosses a span boundary (256) while decoding
         want = list(generate(model, prompt, cfg))
         full = list(generate(model, prompt, cfg, decode=lambda m, t, p: m(t, p)[:, -1]))  # whole-cache attention
-        cache = model.layers[0].attention.kv_cache.k_cache
-        model.clear_caches()  # a new cache: a new trace against it
-        assert list(generate(model, prompt, cfg, decode=traced)) == want == full
-        assert traced.failed is None and traced._fns
-        assert traced._cache is model.layers[0].attention.kv_cache.k_cache is not cache
-    assert {key[-1] for key in traced._fns} == {256, 512}
-    # rows at different positions (the serving engine's per-row input_pos) decode eagerly, same logits
-    model.setup_caches(2, 64)
-    tok, pos = torch.tensor([[3], [4]]), torch.tensor([[0], [0]])
-    with torch.no_grad():
-        assert torch.equal(traced(model, tok, pos), model(tok, pos)[:, -1])
-
-
-def test_traced_decode_stops_tracing_at_the_process_limit(tiny_config, monkeypatch):
-    model = Transformer(tiny_config).eval()
-    model.init_weights(std=0.2)
-    cfg = SamplingConfig(temperature=0, max_new_tokens=4)
-    want = list(generate(model, [1, 2, 3], cfg))
-    monkeypatch.setattr(TracedDecode, "made", TracedDecode.MAX_TRACES)  # traces leak: the budget is spent
-    traced = TracedDecode()
-    assert list(generate(model, [1, 2, 3], cfg, decode=traced)) == want
-    assert "traces made" in traced.failed and not traced._fns
+        assert want == full
 
 
 def test_min_p_and_logit_bias():

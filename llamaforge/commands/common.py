@@ -93,8 +93,9 @@ def add_model_flags(p: argparse.ArgumentParser, positional: bool = False, adapte
     add_threads_flag(p)
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weights in memory: auto keeps GGUF blocks quantized (int4/int8), none dequantizes to float")
-    p.add_argument("--decode", default=None, choices=["eager", "trace", "compile"],
-                   help="how decode steps run: eager (default), trace (1.4x faster on CPU, ~50-80 MB per trace kept), compile")
+    p.add_argument("--decode", default=None, choices=["auto", "eager", "compile"],
+                   help="how decode steps run: auto (default: the fused native step where the model allows, else eager), "
+                        "eager (PyTorch ops), compile (torch.compile; float and int4/int8 models)")
     p.add_argument("--compile", action="store_true", help="same as --decode compile (slow first call, faster tokens)")
     if tp:
         p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes: "
@@ -168,7 +169,7 @@ def load_llm(args, announce: bool = False, speculative: str = "off"):
 def _load_parallel(args):
     if args.tp < 1:
         raise LlamaforgeError(f"--tp must be >= 1, got {args.tp}")
-    if args.adapter or args.compile or args.decode not in (None, "eager"):
+    if args.adapter or args.compile or args.decode not in (None, "auto", "eager"):
         raise LlamaforgeError("--tp runs eager decode steps without adapters: drop --adapter, --compile and --decode")
     from ..parallel import load_parallel
     return load_parallel(args.model, args.tp, tokenizer=args.tokenizer, chat_format=args.chat_format, device=args.device,

@@ -1,0 +1,473 @@
+// Native CPU kernels for llamaforge: dot products over GGUF Q4_0 / Q4_1 / Q8_0 blocks as they are stored
+// (ggml-quants.c layouts), with the activation quantized to 8 bits per block of 32 as llama.cpp does
+// (ggml-cpu `quantize_row_q8_0` / `q8_1`), and one fused one-token decode step for a whole LLaMA model.
+//
+// Dot products run on AVX-512 VNNI (vpdpbusd), AVX2 or plain C, picked at run time from CPU flags.
+// Block layouts (bytes): Q8_0 = f16 d, int8 q[32]; Q4_0 = f16 d, 16 bytes (q_j = lo nibble of byte j,
+// q_{j+16} = hi nibble), w = (q - 8) d; Q4_1 = f16 d, f16 m, 16 bytes, w = q d + m. F32 rows are plain.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum QType { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
+
+inline int block_bytes(int t) { return t == Q4_0 ? 18 : t == Q4_1 ? 20 : t == Q8_0 ? 34 : 0; }
+
+inline float fp16_to_fp32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) { bits = sign; }
+    else {  // subnormal: renormalize
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; exp--; }
+      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
+  else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+
+inline float rd16(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return fp16_to_fp32(h); }
+
+// One activation row quantized per block of 32: q (int8), d (scale), s = d * sum(q) (for the offsets).
+struct QRow { std::vector<int8_t> q; std::vector<float> d, s; };
+
+void quantize_row(const float* x, int K, QRow& r) {
+  int nb = K / 32;
+  r.q.resize(K); r.d.resize(nb); r.s.resize(nb);
+  for (int b = 0; b < nb; b++) {
+    const float* xb = x + b * 32;
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(xb[j]));
+    float d = amax / 127.f, id = d ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < 32; j++) {
+      int v = (int)std::nearbyint(xb[j] * id);
+      r.q[b * 32 + j] = (int8_t)v; sum += v;
+    }
+    r.d[b] = d; r.s[b] = d * sum;
+  }
+}
+
+// ---- dot products: weight row (blocks) . quantized activation row ----
+
+float dot_q4_0_ref(const uint8_t* w, const QRow& x, int nb) {
+  float acc = 0;
+  for (int b = 0; b < nb; b++, w += 18) {
+    const int8_t* xq = x.q.data() + b * 32;
+    int s = 0;
+    for (int j = 0; j < 16; j++) s += (w[2 + j] & 15) * xq[j] + (w[2 + j] >> 4) * xq[j + 16];
+    float d = rd16(w);
+    acc += d * (x.d[b] * s - 8 * x.s[b]);
+  }
+  return acc;
+}
+
+float dot_q4_1_ref(const uint8_t* w, const QRow& x, int nb) {
+  float acc = 0;
+  for (int b = 0; b < nb; b++, w += 20) {
+    const int8_t* xq = x.q.data() + b * 32;
+    int s = 0;
+    for (int j = 0; j < 16; j++) s += (w[4 + j] & 15) * xq[j] + (w[4 + j] >> 4) * xq[j + 16];
+    acc += rd16(w) * x.d[b] * s + rd16(w + 2) * x.s[b];
+  }
+  return acc;
+}
+
+float dot_q8_0_ref(const uint8_t* w, const QRow& x, int nb) {
+  float acc = 0;
+  for (int b = 0; b < nb; b++, w += 34) {
+    const int8_t* xq = x.q.data() + b * 32;
+    const int8_t* wq = (const int8_t*)(w + 2);
+    int s = 0;
+    for (int j = 0; j < 32; j++) s += wq[j] * xq[j];
+    acc += rd16(w) * x.d[b] * s;
+  }
+  return acc;
+}
+
+float dot_f32_ref(const float* w, const float* x, int K) {
+  float acc = 0;
+  for (int k = 0; k < K; k++) acc += w[k] * x[k];
+  return acc;
+}
+
+// AVX2: 32 products per block with maddubs (u8 x s8 -> s16 pairs) then madd to s32.
+__attribute__((target("avx2,fma,f16c")))
+inline __m256i nibbles32(const uint8_t* p) {
+  __m128i b = _mm_loadu_si128((const __m128i*)p);
+  __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+  return _mm256_and_si256(v, _mm256_set1_epi8(15));  // bytes 0..15 low nibbles, 16..31 high nibbles
+}
+
+__attribute__((target("avx2,fma,f16c")))
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+inline __m256i udot_avx2(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+inline __m256i udot_vnni(__m256i u, __m256i s) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+
+// One block's contribution: its int32x8 partial dot products scaled into acc, its offset term into corr.
+// Two independent accumulator pairs: the fmadd chain (4 cycles a block) would otherwise bound the loop.
+#define DEFINE_SIMD_DOTS(SUFFIX, TARGET, UDOT)                                                         \
+  TARGET inline void q4_block_##SUFFIX(const uint8_t* w, int hdr, bool min, const QRow& x, int b, __m256& acc, float& corr) { \
+    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
+    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
+    __m256i s = UDOT(nibbles32(w + hdr), xq);                                                        \
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
+    corr += (min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d) * x.s[b];                               \
+  }                                                                                                  \
+  TARGET inline float q4_dot_##SUFFIX(const uint8_t* w, const QRow& x, int nb, int hdr, bool min) {  \
+    int bb = hdr + 16;                                                                               \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); float c0 = 0, c1 = 0;                \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 2 * bb) {                                                        \
+      q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                                  \
+      q4_block_##SUFFIX(w + bb, hdr, min, x, b + 1, a1, c1);                                         \
+    }                                                                                                \
+    if (b < nb) q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                        \
+    float r = hsum8(_mm256_add_ps(a0, a1)), c = c0 + c1;                                             \
+    return min ? r + c : r - 8 * c;                                                                  \
+  }                                                                                                  \
+  TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 2, false); } \
+  TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 4, true); }  \
+  TARGET inline void q8_block_##SUFFIX(const uint8_t* w, const QRow& x, int b, __m256& acc) {        \
+    /* signed x signed: |w| as unsigned times x with w's sign (ggml's mul_sum_i8_pairs) */            \
+    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
+    __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2));                                        \
+    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
+    __m256i s = UDOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                            \
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
+  }                                                                                                  \
+  TARGET float dot_q8_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) {                           \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                      \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 68) { q8_block_##SUFFIX(w, x, b, a0); q8_block_##SUFFIX(w + 34, x, b + 1, a1); } \
+    if (b < nb) q8_block_##SUFFIX(w, x, b, a0);                                                      \
+    return hsum8(_mm256_add_ps(a0, a1));                                                             \
+  }                                                                                                  \
+  TARGET float dot_f32_##SUFFIX(const float* w, const float* x, int K) {                              \
+    __m256 acc = _mm256_setzero_ps(); int k = 0;                                                    \
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), acc); \
+    float r = hsum8(acc);                                                                            \
+    for (; k < K; k++) r += w[k] * x[k];                                                             \
+    return r;                                                                                        \
+  }
+
+DEFINE_SIMD_DOTS(avx2, __attribute__((target("avx2,fma,f16c"))), udot_avx2)
+DEFINE_SIMD_DOTS(vnni, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), udot_vnni)
+
+// maddubs saturates at 2 x 127 x 255 only for Q8_0's |w| x x products of 127 x 127 x 2 = 32258 < 32767: safe.
+
+struct Dots {
+  float (*q4_0)(const uint8_t*, const QRow&, int);
+  float (*q4_1)(const uint8_t*, const QRow&, int);
+  float (*q8_0)(const uint8_t*, const QRow&, int);
+  float (*f32)(const float*, const float*, int);
+  const char* name;
+};
+
+Dots pick_dots() {
+  const char* force = std::getenv("LLAMAFORGE_NATIVE_ISA");  // tests: force a narrower path
+  std::string f = force ? force : "";
+  __builtin_cpu_init();
+  bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (vnni && (f.empty() || f == "vnni")) return {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni, dot_f32_vnni, "avx512vnni"};
+  if (avx2 && (f.empty() || f == "vnni" || f == "avx2")) return {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2, dot_f32_avx2, "avx2"};
+  return {dot_q4_0_ref, dot_q4_1_ref, dot_q8_0_ref, dot_f32_ref, "c"};
+}
+
+const Dots& dots() { static Dots d = pick_dots(); return d; }
+
+// ---- a weight: blocks (N, row bytes) uint8 or F32 (N, K) ----
+
+struct Weight {
+  torch::Tensor t;
+  int type = F32, N = 0, K = 0;
+  const uint8_t* data = nullptr;
+  int64_t row_bytes = 0;
+  Weight() {}
+  Weight(torch::Tensor t_, int type_, int K_) : t(t_), type(type_), K(K_) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "native: weights must be contiguous CPU tensors");
+    N = (int)t.size(0);
+    if (type == F32) {
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.size(1) == K, "native: F32 weight must be (N, K) float32");
+      row_bytes = (int64_t)K * 4;
+    } else {
+      TORCH_CHECK(block_bytes(type) && K % 32 == 0, "native: unsupported block type ", type);
+      row_bytes = (int64_t)(K / 32) * block_bytes(type);
+      TORCH_CHECK(t.scalar_type() == torch::kUInt8 && t.size(1) == row_bytes, "native: block weight must be (N, K/32*bytes) uint8");
+    }
+    data = (const uint8_t*)t.data_ptr();
+  }
+};
+
+// y[m, n] = x[m] . W[n] for M activation rows (fp32 xf and, for block types, quantized xq)
+void matvec(const Weight& w, int M, const float* xf, const std::vector<QRow>& xq, float* y, int64_t ldy) {
+  const Dots& D = dots();
+  int nb = w.K / 32;
+  int64_t grain = std::max<int64_t>(16, 4096 / std::max(1, w.K / 64));
+  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      const uint8_t* row = w.data + n * w.row_bytes;
+      for (int m = 0; m < M; m++) {
+        float v;
+        switch (w.type) {
+          case Q4_0: v = D.q4_0(row, xq[m], nb); break;
+          case Q4_1: v = D.q4_1(row, xq[m], nb); break;
+          case Q8_0: v = D.q8_0(row, xq[m], nb); break;
+          default: v = D.f32((const float*)row, xf + (int64_t)m * w.K, w.K);
+        }
+        y[m * ldy + n] = v;
+      }
+    }
+  });
+}
+
+void prepare(const Weight& w, int M, const float* x, std::vector<QRow>& xq) {
+  if (w.type == F32) return;
+  xq.resize(M);
+  for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * w.K, w.K, xq[m]);
+}
+
+// dequantize rows [0, N) of a weight into out (N, K) fp32 or bf16
+template <typename T>
+void dequantize_into(const Weight& w, T* out) {
+  at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      const uint8_t* p = w.data + n * w.row_bytes;
+      T* o = out + n * w.K;
+      if (w.type == F32) { for (int k = 0; k < w.K; k++) o[k] = (T)((const float*)p)[k]; continue; }
+      int bb = block_bytes(w.type);
+      for (int b = 0; b < w.K / 32; b++, p += bb, o += 32) {
+        float d = rd16(p);
+        if (w.type == Q8_0) { for (int j = 0; j < 32; j++) o[j] = (T)(d * (int8_t)p[2 + j]); }
+        else if (w.type == Q4_0) {
+          for (int j = 0; j < 16; j++) { o[j] = (T)(d * ((p[2 + j] & 15) - 8)); o[j + 16] = (T)(d * ((p[2 + j] >> 4) - 8)); }
+        } else {
+          float m = rd16(p + 2);
+          for (int j = 0; j < 16; j++) { o[j] = (T)(d * (p[4 + j] & 15) + m); o[j + 16] = (T)(d * (p[4 + j] >> 4) + m); }
+        }
+      }
+    }
+  });
+}
+
+// ---- Python-facing single ops ----
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor blocks, int64_t type, int64_t K) {
+  // x (M, K) float32 -> (M, N) float32
+  Weight w(blocks, (int)type, (int)K);
+  auto xc = x.contiguous().to(torch::kFloat32);
+  TORCH_CHECK(xc.dim() == 2 && xc.size(1) == K, "native.linear: x must be (M, ", K, ")");
+  int M = (int)xc.size(0);
+  auto y = torch::empty({M, w.N}, torch::kFloat32);
+  std::vector<QRow> xq;
+  prepare(w, M, xc.data_ptr<float>(), xq);
+  matvec(w, M, xc.data_ptr<float>(), xq, y.data_ptr<float>(), w.N);
+  return y;
+}
+
+torch::Tensor dequantize(torch::Tensor blocks, int64_t type, int64_t K, torch::ScalarType dtype) {
+  Weight w(blocks, (int)type, (int)K);
+  auto out = torch::empty({w.N, (int64_t)K}, dtype);
+  if (dtype == torch::kFloat32) dequantize_into(w, out.data_ptr<float>());
+  else if (dtype == torch::kBFloat16) dequantize_into(w, out.data_ptr<at::BFloat16>());
+  else TORCH_CHECK(false, "native.dequantize: float32 or bfloat16 only");
+  return out;
+}
+
+// ---- the fused one-token decode step ----
+
+struct Layer { torch::Tensor attn_norm, ffn_norm; Weight wq, wk, wv, wo, w1, w2, w3; };
+
+void rmsnorm(const float* x, const float* w, float* out, int D, float eps) {
+  double ss = 0;
+  for (int i = 0; i < D; i++) ss += (double)x[i] * x[i];
+  float r = 1.f / std::sqrt((float)(ss / D) + eps);
+  for (int i = 0; i < D; i++) out[i] = x[i] * r * w[i];
+}
+
+void rope(float* x, const float* cs, int n_heads, int hd) {
+  // interleaved pairs; cs: (hd / 2, 2) cos, sin at this position
+  for (int h = 0; h < n_heads; h++) {
+    float* v = x + h * hd;
+    for (int i = 0; i < hd / 2; i++) {
+      float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+      v[2 * i] = a * c - b * s; v[2 * i + 1] = a * s + b * c;
+    }
+  }
+}
+
+class Model {
+ public:
+  Model(std::vector<torch::Tensor> tensors, std::vector<int64_t> types, std::vector<int64_t> dims, double eps)
+      : dim(dims[0]), n_layers(dims[1]), n_heads(dims[2]), n_kv(dims[3]), hd(dims[4]), hidden(dims[5]), vocab(dims[6]), eps((float)eps) {
+    // tensors: emb, norm, output, then per layer attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3
+    TORCH_CHECK((int64_t)tensors.size() == 3 + 9 * n_layers && tensors.size() == types.size(), "native.Model: wrong tensor list");
+    emb = Weight(tensors[0], (int)types[0], dim);
+    norm = tensors[1].contiguous();
+    out = Weight(tensors[2], (int)types[2], dim);
+    for (int l = 0; l < n_layers; l++) {
+      auto T = [&](int i) { return tensors[3 + 9 * l + i]; };
+      auto W = [&](int i, int K) { return Weight(T(i), (int)types[3 + 9 * l + i], K); };
+      layers.push_back({T(0).contiguous(), T(5).contiguous(), W(1, dim), W(2, dim), W(3, dim), W(4, n_heads * hd),
+                        W(6, dim), W(7, hidden), W(8, dim)});
+    }
+  }
+
+  // tokens (B,), pos (B,) rotary positions, slots (B,) cache slots written, int64; mask: empty (attend slots
+  // 0..slot) or (B, Sm) bool (attend slot s < Sm where set); caches: k, v per layer (Bc, n_kv, S, hd) fp32,
+  // contiguous; rope (> max pos, hd/2, 2) fp32. Returns logits (B, 1, vocab), or the final-norm hidden
+  // states (B, 1, dim) with `want_hidden`.
+  torch::Tensor step(torch::Tensor tokens, torch::Tensor pos, torch::Tensor slots, torch::Tensor mask,
+                     std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc, torch::Tensor rope_table, bool want_hidden) {
+    int B = (int)tokens.size(0);
+    auto tok = tokens.contiguous(); auto ps = pos.contiguous(); auto sl = slots.contiguous();
+    const int64_t* tk = tok.data_ptr<int64_t>(); const int64_t* pp = ps.data_ptr<int64_t>(); const int64_t* ss = sl.data_ptr<int64_t>();
+    int64_t S = kc[0].size(2);
+    TORCH_CHECK((int64_t)kc.size() == n_layers && kc[0].size(0) >= B && kc[0].is_contiguous(), "native.step: caches do not match the model");
+    int64_t Sm = mask.numel() ? mask.size(1) : 0;
+    TORCH_CHECK(!Sm || (mask.scalar_type() == torch::kBool && mask.size(0) == B && mask.is_contiguous() && Sm <= S), "native.step: bad mask");
+    const bool* mk = Sm ? mask.data_ptr<bool>() : nullptr;
+    for (int b = 0; b < B; b++)
+      TORCH_CHECK(pp[b] >= 0 && pp[b] < rope_table.size(0) && ss[b] >= 0 && ss[b] < S && tk[b] >= 0 && tk[b] < vocab,
+                  "native.step: position, slot or token out of range");
+    const float* rt = rope_table.data_ptr<float>();
+    int qd = n_heads * hd, kd = n_kv * hd;
+    std::vector<float> x(B * dim), xn(B * dim), q(B * qd), k(B * kd), v(B * kd), att(B * qd), h1(B * hidden), h3(B * hidden), tmp(B * dim);
+    std::vector<QRow> xq;
+    for (int b = 0; b < B; b++) embed(tk[b], x.data() + b * dim);
+    for (int l = 0; l < n_layers; l++) {
+      const Layer& L = layers[l];
+      for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, L.attn_norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
+      prepare(L.wq, B, xn.data(), xq);  // one activation quantization for q, k and v
+      matvec(L.wq, B, xn.data(), xq, q.data(), qd);
+      if (L.wk.type != L.wq.type) prepare(L.wk, B, xn.data(), xq);
+      matvec(L.wk, B, xn.data(), xq, k.data(), kd);
+      if (L.wv.type != L.wk.type) prepare(L.wv, B, xn.data(), xq);
+      matvec(L.wv, B, xn.data(), xq, v.data(), kd);
+      float* K0 = kc[l].data_ptr<float>(); float* V0 = vc[l].data_ptr<float>();
+      for (int b = 0; b < B; b++) {
+        const float* cs = rt + pp[b] * hd;  // (hd / 2, 2) at this position
+        rope(q.data() + b * qd, cs, n_heads, hd);
+        rope(k.data() + b * kd, cs, n_kv, hd);
+        for (int g = 0; g < n_kv; g++) {
+          int64_t off = (((int64_t)b * n_kv + g) * S + ss[b]) * hd;
+          std::memcpy(K0 + off, k.data() + b * kd + g * hd, hd * 4);
+          std::memcpy(V0 + off, v.data() + b * kd + g * hd, hd * 4);
+        }
+      }
+      attention(B, ss, mk, Sm, K0, V0, S, q.data(), att.data());
+      prepare(L.wo, B, att.data(), xq);
+      matvec(L.wo, B, att.data(), xq, tmp.data(), dim);
+      for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
+      for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, L.ffn_norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
+      prepare(L.w1, B, xn.data(), xq);
+      matvec(L.w1, B, xn.data(), xq, h1.data(), hidden);
+      if (L.w3.type != L.w1.type) prepare(L.w3, B, xn.data(), xq);
+      matvec(L.w3, B, xn.data(), xq, h3.data(), hidden);
+      for (int i = 0; i < B * hidden; i++) { float a = h1[i]; h1[i] = a / (1.f + std::exp(-a)) * h3[i]; }
+      prepare(L.w2, B, h1.data(), xq);
+      matvec(L.w2, B, h1.data(), xq, tmp.data(), dim);
+      for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
+    }
+    for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
+    if (want_hidden) {
+      auto h = torch::empty({B, 1, (int64_t)dim}, torch::kFloat32);
+      std::memcpy(h.data_ptr<float>(), xn.data(), (size_t)B * dim * 4);
+      return h;
+    }
+    auto logits = torch::empty({B, 1, (int64_t)vocab}, torch::kFloat32);
+    prepare(out, B, xn.data(), xq);
+    matvec(out, B, xn.data(), xq, logits.data_ptr<float>(), vocab);
+    return logits;
+  }
+
+  std::string isa() const { return dots().name; }
+
+ private:
+  int dim, n_layers, n_heads, n_kv, hd, hidden, vocab;
+  float eps;
+  Weight emb, out;
+  torch::Tensor norm;
+  std::vector<Layer> layers;
+
+  void embed(int64_t t, float* o) {
+    const uint8_t* p = emb.data + t * emb.row_bytes;
+    if (emb.type == F32) { std::memcpy(o, p, dim * 4); return; }
+    int bb = block_bytes(emb.type);
+    for (int b = 0; b < dim / 32; b++, p += bb, o += 32) {
+      float d = rd16(p);
+      if (emb.type == Q8_0) for (int j = 0; j < 32; j++) o[j] = d * (int8_t)p[2 + j];
+      else if (emb.type == Q4_0) for (int j = 0; j < 16; j++) { o[j] = d * ((p[2 + j] & 15) - 8); o[j + 16] = d * ((p[2 + j] >> 4) - 8); }
+      else { float m = rd16(p + 2); for (int j = 0; j < 16; j++) { o[j] = d * (p[4 + j] & 15) + m; o[j + 16] = d * (p[4 + j] >> 4) + m; } }
+    }
+  }
+
+  // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each row (or the slots its mask row sets);
+  // query head h reads kv head h / rep
+  void attention(int B, const int64_t* ss, const bool* mk, int64_t Sm, const float* K0, const float* V0, int64_t S,
+                 const float* q, float* out) {
+    int rep = n_heads / n_kv, qd = n_heads * hd;
+    float scale = 1.f / std::sqrt((float)hd);
+    const Dots& D = dots();
+    at::parallel_for(0, (int64_t)B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc;
+      for (int64_t i = i0; i < i1; i++) {
+        int b = (int)(i / n_heads), h = (int)(i % n_heads), g = h / rep;
+        int64_t n = mk ? Sm : ss[b] + 1;
+        const bool* keep = mk ? mk + b * Sm : nullptr;
+        const float* Kb = K0 + ((int64_t)b * n_kv + g) * S * hd;
+        const float* Vb = V0 + ((int64_t)b * n_kv + g) * S * hd;
+        const float* qh = q + b * qd + h * hd;
+        sc.resize(n);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; s++) {
+          sc[s] = (!keep || keep[s]) ? D.f32(Kb + s * hd, qh, hd) * scale : -INFINITY;
+          mx = std::max(mx, sc[s]);
+        }
+        float sum = 0;
+        for (int64_t s = 0; s < n; s++) { sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - mx); sum += sc[s]; }
+        float* o = out + b * qd + h * hd;
+        for (int j = 0; j < hd; j++) o[j] = 0;
+        for (int64_t s = 0; s < n; s++) {
+          if (sc[s] == 0.f) continue;
+          float p = sc[s] / sum; const float* vs = Vb + s * hd;
+          for (int j = 0; j < hd; j++) o[j] += p * vs[j];
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llamaforge native CPU kernels: GGUF block dot products and a fused decode step";
+  m.def("linear", &linear, "y = x W^T for x (M, K) fp32 and W as GGUF blocks (type id) or F32");
+  m.def("dequantize", &dequantize, "W (N, K) as float32 / bfloat16 from GGUF blocks");
+  m.def("isa", []() { return std::string(dots().name); }, "the dot-product path this CPU runs");
+  py::class_<Model>(m, "Model")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>, double>())
+      .def("step", &Model::step, py::call_guard<py::gil_scoped_release>())
+      .def("isa", &Model::isa);
+}
