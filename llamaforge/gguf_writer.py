@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import kquants
 from .config import ModelConfig
 from .errors import LlamaforgeError
 from .gguf import dequantize, map_name, rope_freq_factors
-from . import kquants
 from .tokenizer import bytes_to_unicode
 from .weights import expected_shapes
 
