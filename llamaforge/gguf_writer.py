@@ -1,6 +1,7 @@
 """Writing GGUF files llama.cpp loads: hyperparameters, tokenizer vocabulary (byte-level BPE, tiktoken,
-SentencePiece) and tensors in F32/F16/BF16/Q8_0/Q4_0/Q4_1 through gguf-py's writer and quantizers,
-atomically (temp file + rename), with each quantizer's reconstruction error.
+SentencePiece) and tensors in F32/F16/BF16/Q8_0/Q4_0/Q4_1 through gguf-py's writer and quantizers, and
+llama.cpp's Q4_K_M and Q6_K mixes through kquants.py, atomically (temp file + rename), with each
+quantizer's reconstruction error.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import kquants
 from .config import ModelConfig
 from .errors import LlamaforgeError
 from .gguf import dequantize, map_name, rope_freq_factors
@@ -21,16 +23,20 @@ from .tokenizer import bytes_to_unicode
 from .weights import expected_shapes
 
 _QTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-           "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
+           "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+           **kquants.FILE_TYPES}
 
 
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str):
-    """The type one tensor is stored as: 1-D tensors stay F32; 4-bit files keep the embedding and
-    output at Q8_0 (llama-quantize keeps them at 6+ bits too); rows that are not a whole number of
-    blocks fall back to F16, as llama.cpp's converter does."""
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str, n_layer: int = 0, has_output: bool = True):
+    """The type one tensor is stored as: 1-D tensors stay F32; K-quant files follow llama.cpp's mix
+    (kquants.tensor_type_name); 4-bit files keep the embedding and output at Q8_0 (llama-quantize
+    keeps them at 6+ bits too); rows that are not a whole number of blocks fall back to F16, as
+    llama.cpp's converter does."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
     if len(shape) == 1:
         return Q.F32
+    if qtype in kquants.FILE_TYPES:
+        return Q[kquants.tensor_type_name(gguf_name, shape[-1], qtype, n_layer, has_output)]
     t = Q[_QTYPES[qtype][0]]
     if t in (Q.Q4_0, Q.Q4_1) and gguf_name in ("token_embd.weight", "output.weight"):
         t = Q.Q8_0
@@ -61,7 +67,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.T
         w.add_chat_template(template)
     plan = []
     for gname, t in tensors.items():
-        ttype = _tensor_type(gname, tuple(t.shape), qtype)
+        ttype = _tensor_type(gname, tuple(t.shape), qtype, cfg.n_layers, "output.weight" in tensors)
         block, type_size = gguf.GGML_QUANT_SIZES[ttype]
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), t.numel() // block * type_size, raw_dtype=ttype)
         plan.append((gname, t, ttype))
@@ -74,7 +80,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state_dict: dict[str, torch.T
         w.write_ti_data_to_file()
         for gname, t, ttype in plan:  # one tensor at a time: quantize, write, forget
             arr = t.detach().float().contiguous().numpy()
-            data = gguf.quants.quantize(arr, ttype)
+            data = kquants.quantize(arr, ttype.name) if ttype.name in kquants.BLOCK_TYPES else gguf.quants.quantize(arr, ttype)
             w.write_tensor_data(data)
             report[gname] = (ttype.name, _max_error(data, ttype, t))
         w.close()

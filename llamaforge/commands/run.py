@@ -293,7 +293,7 @@ def cmd_convert(args) -> None:
     print(f"wrote {dst} ({args.to}, {args.dtype})", file=sys.stderr)
 
 
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+QUANT_TYPES = ("q8_0", "q6_k", "q4_k_m", "q4_1", "q4_0")  # best first (docs/inference.md: sizes and quality)
 CHECK_MAX_PARAMS = 3e9  # the after-quantize check holds an fp32 copy: automatic up to this size
 PPL_WARN = 0.05  # warn when the check's perplexity rises more than this
 
@@ -305,8 +305,8 @@ def cmd_quantize(args) -> None:
         raise LlamaforgeError("GGUF Q4/Q8 blocks hold 32 weights: --group-size must be 32 for GGUF output")
     args.src, args.dst = _src_dst(args)
     if args.type is None and args.mode is None:
-        raise LlamaforgeError(f"pass --type {'|'.join(QUANT_TYPES)} (q8_0: near-lossless, half of f16; q4_1: 4-bit with a "
-                              "per-block minimum, the better 4-bit here)")
+        raise LlamaforgeError(f"pass --type {'|'.join(QUANT_TYPES)} (q8_0: near-lossless, half of f16; q4_k_m: llama.cpp's "
+                              "4-bit mix, 6-bit where it matters; q4_1: 4-bit with a per-block minimum)")
     qtype = args.type or {"int8": "q8_0", "int4": args.int4_format}[args.mode]
     w = read_weights(args.src, args.tokenizer)
     report = write_gguf(args.dst, w.config, w.state_dict, tokenizer=w.tokenizer, chat_template=w.chat_template,
@@ -324,16 +324,23 @@ def cmd_quantize(args) -> None:
               f"llamaforge perplexity -m {args.dst} TEXT]", file=sys.stderr)
     elif w.tokenizer is not None:
         set_threads(args, quiet=True)
-        _check_quantized(w, args.dst)
+        _check_quantized(w, args.dst, qtype)
 
 
-def _check_quantized(w, dst: str) -> None:
+def _source_quant_types(w) -> list[str]:
+    """The block types of a quantized source's matrices (requantizing them compounds two roundings)."""
+    tensors = getattr(w.gguf, "tensors", {}) or {}
+    return sorted({t.qtype.name for t in tensors.values() if len(t.shape) > 1 and t.qtype.name not in ("F32", "F16", "BF16")})
+
+
+def _check_quantized(w, dst: str, qtype: str = "") -> None:
     """Perplexity and KL of the written file against its source on a fixed text; a warning past PPL_WARN."""
     import torch
 
     from ..evaluation.perplexity import CHECK_TEXT, compare
     from ..llm import load
     from ..weights import build_model
+    source_types = _source_quant_types(w)
     ref = build_model(w.config, w.state_dict, dtype=torch.float32).eval()
     w.state_dict = {}
     new = load(dst, quantize="none").model  # the file's exact weights, as every loader sees them
@@ -343,8 +350,13 @@ def _check_quantized(w, dst: str) -> None:
           f"({r['ppl_change']:+.1%}), KL mean {r['kl_mean']:.4f} / max {r['kl_max']:.3f} nats, top token agrees "
           f"{r['top1_agree']:.1%}", file=sys.stderr)
     if r["ppl_change"] > PPL_WARN:
-        print(f"llamaforge: warning: perplexity rose {r['ppl_change']:.0%} (over {PPL_WARN:.0%}): try a type with more bits "
-              "(q4_1 over q4_0, or q8_0), and measure on your own text with `llamaforge perplexity`", file=sys.stderr)
+        better = QUANT_TYPES[:QUANT_TYPES.index(qtype)] if qtype in QUANT_TYPES else QUANT_TYPES
+        print(f"llamaforge: warning: perplexity rose {r['ppl_change']:.0%} (over {PPL_WARN:.0%}): try a better type "
+              f"({' / '.join(better)}), and measure on your own text with `llamaforge perplexity`", file=sys.stderr)
+        if source_types:
+            print(f"llamaforge: the source is already quantized ({', '.join(source_types)}): requantizing adds a second "
+                  "rounding; quantize from the original float weights where you have them, or keep the "
+                  "source's own type", file=sys.stderr)
 
 
 def _ours(gguf_name: str) -> str | None:
@@ -382,7 +394,7 @@ def add_commands(sub) -> None:
     _add_src_dst(v, "output directory (hf) or file (gguf)")
     v.add_argument("--to", required=True, choices=["hf", "gguf"])
     v.add_argument("--type", "--dtype", dest="dtype", default=None,
-                   help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q4_0|q4_1 (default f16)")
+                   help="hf: f32|f16|bf16 (default f32); gguf: f32|f16|bf16|q8_0|q6_k|q4_k_m|q4_1|q4_0 (default f16)")
     v.add_argument("--tokenizer", default=None, help="tokenizer file to include instead of the source's")
     v.set_defaults(func=cmd_convert)
 
