@@ -196,7 +196,9 @@ def test_checkpoints_load_each_rank_its_slice(tmp_path):
         q8 = q8_model(torch.tensor(IDS))
     q4_model = tiny_model(seed=3, hidden_dim=192)  # 96 FFN columns per rank: whole blocks of 32
     write_gguf(tmp_path / "q4.gguf", q4_model.config, {k: v.detach() for k, v in q4_model.state_dict().items()}, qtype="q4_0")
-    q4_ref = llamaforge.load(tmp_path / "q4.gguf", device="cpu")  # one process, its blocks kept quantized (int4 layers)
+    # one process with the layers tensor parallelism builds: Q4_0 blocks repacked into int4 layers (a single
+    # process's default keeps the blocks for the native kernels, which TP does not use yet)
+    q4_ref = llamaforge.load(tmp_path / "q4.gguf", device="cpu", quantize="int4")
     q4_full = _projection_bytes(q4_ref.model)
     q4_fp32 = llamaforge.load(tmp_path / "q4.gguf", device="cpu", quantize="none")
     r0, r1 = run_ranks(_sources_ranks, {**{k: str(v) for k, v in paths.items()}, "big": str(tmp_path / "big"),
