@@ -36,10 +36,16 @@ def enabled() -> bool:
     return os.environ.get("LLAMAFORGE_NATIVE", "1").lower() not in ("0", "false", "no", "off")
 
 
+# -fopenmp: at::parallel_for is an OpenMP region compiled into the extension (without it, one thread runs it all);
+# the libgomp.so.1 it needs is the one torch has already loaded (the same soname), so there is one thread pool.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
 def build_dir() -> Path:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + torch.__version__.encode() + platform.machine().encode() +
-                         sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(CFLAGS + LDFLAGS).encode() + torch.__version__.encode() +
+                         platform.machine().encode() + sys.version.encode()).hexdigest()[:16]
     root = Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaforge"))
     return root / "native" / key
 
@@ -69,7 +75,7 @@ def build(verbose: bool = True):
     if verbose:
         print(f"building llamaforge native kernels in {d} (once, about a minute)...", file=sys.stderr, flush=True)
     return load(NAME, [str(SOURCE)], build_directory=str(d), verbose=False,
-                extra_cflags=["-O3", "-fno-math-errno"], extra_ldflags=[])
+                extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS))
 
 
 def _start_background_build() -> None:
