@@ -229,8 +229,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, stop_ids: set[int] =
     seen = torch.tensor([prompt], device=device)
     logits = prefill(model, seen[:, past:], torch.arange(past, T, device=device))
     if draft is not None:
-        from .speculative import speculate
-        yield from speculate(model, logits, seen, cfg, gen, stop_ids, decode, constraint, n_new, draft)
+        yield from draft.run(model, logits, seen, cfg, gen, stop_ids, decode, constraint, n_new)
         return
     for i in range(n_new):
         t = pick(logits, cfg, gen, seen, constraint, n_new - i)

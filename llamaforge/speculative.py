@@ -36,6 +36,11 @@ class Drafter:
     def propose(self, ids: list[int], n: int) -> list[int]:
         raise NotImplementedError
 
+    def run(self, model, logits, seen, cfg, gen, stop_ids, decode, constraint, n_new):
+        """The token loop with this drafter's proposals (`speculate`): generate.generate calls it, so the
+        sampling module does not import this one."""
+        return speculate(model, logits, seen, cfg, gen, stop_ids, decode, constraint, n_new, self)
+
     def kept(self, proposed: int, accepted: int) -> None:
         """Feedback after a verification: `accepted` of `proposed` draft tokens were kept."""
 
