@@ -103,6 +103,11 @@ def prepare(work: Path) -> None:
     prefs = [{"prompt": "Where is Brindlewood based?", "chosen": "In Harrowgate.", "rejected": "In London."},
              {"prompt": "Who founded Brindlewood?", "chosen": "Ottoline Marsh.", "rejected": "Nobody knows."}] * 2
     (work / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    (work / "prefs_val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs[:2]))
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in prefs[:2]))
+    turns = [("Hello!", "Hi."), ("Where is Brindlewood based?", "In Harrowgate."), ("Thanks.", "You are welcome.")]
+    dialog = {"messages": [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]}
+    (work / "dialogs.jsonl").write_text(json.dumps(dialog) + "\n")
     if (work / "docs").exists():
         shutil.rmtree(work / "docs")
     shutil.copytree(ROOT / "docs", work / "docs", ignore=shutil.ignore_patterns("img"))
