@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import accounting
 from ..errors import LlamaforgeError
 from .finetune import (DEFAULT_LR, FinetuneConfig, _check, count_pairs, energy_and_cost, evaluate_rows,
-                       load_for_training)
+                       load_for_training, plan_schedule)
 from .loop import IGNORE, Loop, _f, autocast_for, make_optimizer, run_loop
 from .sft_data import PairBatches, encode_pref, load_examples, pad_rows, read_jsonl
 
@@ -208,9 +208,11 @@ def train_reward(rc: RewardConfig, on_step=None) -> dict:
     args = (tok, llm.chat_format, llm.chat_format_error, seq_len, rc.on_bad_line, pad)
     batches = load_pairs(rc.data, *args, seed=rc.seed, use_margin=rc.margin)
     val = load_pairs(rc.val, *args, use_margin=rc.margin) if rc.val else None
-    steps = rc.max_steps or max(1, math.ceil(rc.epochs * len(batches) / rc.batch_size))
-    rc = dataclasses.replace(rc, max_steps=steps, lr=rc.lr or DEFAULT_LR[rc.method],
-                             warmup_steps=min(rc.warmup_steps, steps - 1))
+    plan = plan_schedule(len(batches), rc)  # batch size and warmup 'auto' as for fine-tuning; one epoch
+    steps = plan["max_steps"]
+    rc = dataclasses.replace(rc, max_steps=steps, lr=rc.lr or DEFAULT_LR[rc.method], batch_size=plan["batch_size"],
+                             warmup_steps=plan["warmup_steps"],
+                             micro_batch_size=math.gcd(plan["batch_size"], rc.micro_batch_size))  # an auto batch below it
 
     torch.manual_seed(rc.seed)
     if lc is not None:

@@ -83,6 +83,14 @@ def test_reward_margin_is_read_and_bad_input_is_one_line(tiny_chat_model, tmp_pa
     assert "not a reward model" in capsys.readouterr().err
 
 
+def test_reward_train_with_default_flags_plans_its_schedule(tiny_chat_model, tmp_path, capsys):
+    # batch size and warmup default to 'auto' (as for fine-tuning): a handful of pairs gives batches of 1
+    data = write_jsonl(tmp_path / "p.jsonl", prefs(TOPICS[:4]))
+    assert main(["reward", "train", "--model", str(tiny_chat_model), "--data", str(data), "--out", str(tmp_path / "rm")]) == 0
+    cfg = json.loads((tmp_path / "rm" / "reward_config.json").read_text())
+    assert cfg["batch_size"] == 1 and cfg["max_steps"] == 4 and 0 <= cfg["warmup_steps"] < 4
+
+
 # ---- rejection sampling ----
 
 def test_pick_best_is_the_argmax():
