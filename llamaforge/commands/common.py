@@ -119,7 +119,7 @@ def positional_or_flag(args, positional: str, flag: str, name: str, default=None
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default="auto", choices=["auto", "lookup", "draft", "off"],
                    help="speculative decoding, exact: lookup drafts from the prompt's n-grams, draft from --draft-model; "
-                        "auto: lookup where answers quote their prompt (rag), else off")
+                        "auto: off (with the fused native decode step, a verified draft can part from plain greedy at a near-tie: docs/inference.md)")
     p.add_argument("--draft-model", default=None, metavar="M", help="a smaller model with the same tokenizer, for --speculative draft")
 
 

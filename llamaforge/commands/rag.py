@@ -64,7 +64,7 @@ def cmd_ask(args) -> None:
         # the embedding model starts (most of a search's time) while the language model loads; the
         # search itself stays on this thread, which owns the index's SQLite connection
         started = pool.submit(kb.embedder.embed, [args.question]) if cfg.mode != "keyword" else None
-        llm = load_llm(args, speculative="lookup")  # answers quote their sources: drafts from the prompt pay off
+        llm = load_llm(args, speculative="off")  # --speculative lookup: opt-in, see docs/inference.md
         if started is not None:
             started.result()
         prompt = prepare(llm, kb, args.question, cfg, scfg.max_new_tokens)

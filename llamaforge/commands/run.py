@@ -94,7 +94,7 @@ def cmd_chat(args) -> None:
     if args.rag:  # open the index before the slow model load: a bad --rag fails at once
         from .rag import RagChat
         rag = RagChat(args.rag, show_context=args.show_context)
-    llm = load_llm(args, speculative="lookup" if rag else "off")
+    llm = load_llm(args, speculative="off")
     if llm.chat_format is None:
         raise LlamaforgeError(llm.chat_format_error or "this model has no chat format; pass --chat-format chatml|llama2|llama3")
     system = [{"role": "system", "content": _text(args.system)}] if args.system else []
