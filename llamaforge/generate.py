@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .errors import LlamaforgeError
@@ -184,6 +185,13 @@ class TextStream:
         piece = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return piece
+
+
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token sequences (lists or numpy arrays)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
 
 
 def cache_length(needed: int, limit: int) -> int:

@@ -17,7 +17,8 @@ import torch
 from .chat import ChatFormat, Messages, chat_format_for
 from .config import CONFIGS, ModelConfig
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, TextStream, cache_length, decode_one_token, decode_step, generate, keep_cache
+from .generate import (SamplingConfig, TextStream, cache_length, common_prefix, decode_one_token, decode_step, generate,
+                       keep_cache)
 from .tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf
 from .weights import build_model, load_hf, load_meta
 
@@ -386,7 +387,6 @@ class ConversationCache:
         """How many leading tokens of `ids` the cache already holds."""
         if not self.ids or self._stamp is None or self._fingerprint(model, len(self.ids)) != self._stamp:
             return 0
-        from .speculative import common_prefix
         return common_prefix(self.ids, ids)
 
     @staticmethod

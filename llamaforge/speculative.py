@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, adjust_logits, logits_to_probs, pick
+from .generate import SamplingConfig, adjust_logits, common_prefix, logits_to_probs, pick
 
 
 class Drafter:
@@ -128,13 +127,6 @@ class DraftModel(Drafter):
             out.append(int(logits.argmax(-1)))
         self._ids = ids + out[:-1]
         return out
-
-
-def common_prefix(a, b) -> int:
-    """Length of the longest common prefix of two token sequences (lists or numpy arrays)."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if len(diff) else n
 
 
 def verify(row: torch.Tensor, draft: int, cfg: SamplingConfig, gen, seen, constraint, remaining: int) -> int:

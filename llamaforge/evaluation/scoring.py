@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..generate import common_prefix
 
 MIN_SHARED = 32  # a call-wide shared prefix shorter than this is not worth a separate past
 
@@ -70,14 +71,9 @@ def token_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, targets: tor
     return lp, greedy
 
 
-def common_prefix(seqs: list[list[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return n
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the prefix all of `seqs` share."""
+    return min([len(seqs[0])] + [common_prefix(seqs[0], s) for s in seqs[1:]])
 
 
 @dataclass
@@ -94,7 +90,7 @@ def pack_group(group: list[Request], shared: int) -> _Row:
     """Request k's inputs are tokens[:-1]; its target tokens[j] (j >= start) is predicted at input j - 1,
     which lies in the group's common prefix (run once) or in k's own suffix."""
     inputs = [r.tokens[:-1] for r in group]
-    p = max(common_prefix(inputs), shared)
+    p = max(shared_prefix(inputs), shared)
     tokens, pos, seg = list(inputs[0][shared:p]), list(range(shared, p)), [0] * (p - shared)
     where, targets = [], []
     for k, (r, x) in enumerate(zip(group, inputs)):
@@ -149,7 +145,7 @@ def score_groups(model, groups: list[list[Request]], batch_tokens: int = 4096, b
             if not 1 <= r.start < len(r.tokens):
                 raise ValueError(f"a request scores tokens[{r.start}:] of {len(r.tokens)} tokens: nothing to score")
     flat = [r for g in groups for r in g]
-    shared = min(common_prefix([r.tokens[:-1] for r in flat]), min(r.start for r in flat) - 1) if flat else 0
+    shared = min(shared_prefix([r.tokens[:-1] for r in flat]), min(r.start for r in flat) - 1) if flat else 0
     try:
         return _score(model, groups, flat, shared, device, batch_tokens, batch_size, progress)
     finally:

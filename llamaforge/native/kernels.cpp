@@ -248,26 +248,28 @@ void prepare(const Weight& w, int M, const float* x, std::vector<QRow>& xq) {
   for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * w.K, w.K, xq[m]);
 }
 
+// one row of K weights (blocks of `type`, or F32) as fp32 or bf16
+template <typename T>
+void dequantize_row(int type, const uint8_t* p, int K, T* o) {
+  if (type == F32) { for (int k = 0; k < K; k++) o[k] = (T)((const float*)p)[k]; return; }
+  int bb = block_bytes(type);
+  for (int b = 0; b < K / 32; b++, p += bb, o += 32) {
+    float d = rd16(p);
+    if (type == Q8_0) { for (int j = 0; j < 32; j++) o[j] = (T)(d * (int8_t)p[2 + j]); }
+    else if (type == Q4_0) {
+      for (int j = 0; j < 16; j++) { o[j] = (T)(d * ((p[2 + j] & 15) - 8)); o[j + 16] = (T)(d * ((p[2 + j] >> 4) - 8)); }
+    } else {
+      float m = rd16(p + 2);
+      for (int j = 0; j < 16; j++) { o[j] = (T)(d * (p[4 + j] & 15) + m); o[j + 16] = (T)(d * (p[4 + j] >> 4) + m); }
+    }
+  }
+}
+
 // dequantize rows [0, N) of a weight into out (N, K) fp32 or bf16
 template <typename T>
 void dequantize_into(const Weight& w, T* out) {
   at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-      const uint8_t* p = w.data + n * w.row_bytes;
-      T* o = out + n * w.K;
-      if (w.type == F32) { for (int k = 0; k < w.K; k++) o[k] = (T)((const float*)p)[k]; continue; }
-      int bb = block_bytes(w.type);
-      for (int b = 0; b < w.K / 32; b++, p += bb, o += 32) {
-        float d = rd16(p);
-        if (w.type == Q8_0) { for (int j = 0; j < 32; j++) o[j] = (T)(d * (int8_t)p[2 + j]); }
-        else if (w.type == Q4_0) {
-          for (int j = 0; j < 16; j++) { o[j] = (T)(d * ((p[2 + j] & 15) - 8)); o[j + 16] = (T)(d * ((p[2 + j] >> 4) - 8)); }
-        } else {
-          float m = rd16(p + 2);
-          for (int j = 0; j < 16; j++) { o[j] = (T)(d * (p[4 + j] & 15) + m); o[j + 16] = (T)(d * (p[4 + j] >> 4) + m); }
-        }
-      }
-    }
+    for (int64_t n = n0; n < n1; n++) dequantize_row(w.type, w.data + n * w.row_bytes, w.K, out + n * w.K);
   });
 }
 
@@ -411,17 +413,7 @@ class Model {
   torch::Tensor norm;
   std::vector<Layer> layers;
 
-  void embed(int64_t t, float* o) {
-    const uint8_t* p = emb.data + t * emb.row_bytes;
-    if (emb.type == F32) { std::memcpy(o, p, dim * 4); return; }
-    int bb = block_bytes(emb.type);
-    for (int b = 0; b < dim / 32; b++, p += bb, o += 32) {
-      float d = rd16(p);
-      if (emb.type == Q8_0) for (int j = 0; j < 32; j++) o[j] = d * (int8_t)p[2 + j];
-      else if (emb.type == Q4_0) for (int j = 0; j < 16; j++) { o[j] = d * ((p[2 + j] & 15) - 8); o[j + 16] = d * ((p[2 + j] >> 4) - 8); }
-      else { float m = rd16(p + 2); for (int j = 0; j < 16; j++) { o[j] = d * (p[4 + j] & 15) + m; o[j + 16] = d * (p[4 + j] >> 4) + m; } }
-    }
-  }
+  void embed(int64_t t, float* o) { dequantize_row(emb.type, emb.data + t * emb.row_bytes, dim, o); }
 
   // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each row (or the slots its mask row sets);
   // query head h reads kv head h / rep

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import LlamaforgeError
-from ..generate import SamplingConfig, pick
-from ..speculative import common_prefix
+from ..generate import SamplingConfig, common_prefix, pick
 
 PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward
 SHARE_TOKENS = 32  # a waiting prompt sharing this many leading tokens with one being prefilled waits for it
