@@ -44,7 +44,7 @@ def child_llamaforge(a) -> dict:
     torch.set_num_threads(a.threads)
     import llamaforge
     from llamaforge.generate import SamplingConfig, generate, prefill
-    llm = llamaforge.load(a.model)
+    llm = llamaforge.load(a.model, threads=a.threads)  # the default would look at the machine's load
     if a.decode:
         llm.set_decode(a.decode)
     model, cfg = llm.model, SamplingConfig(temperature=0, max_new_tokens=a.new)

@@ -125,6 +125,41 @@ def test_greedy_identical_across_decode_modes(tiny_gguf):
 
 
 @needs_native
+def test_verify_pass_equals_one_token_steps_bit_for_bit(tiny_gguf):
+    """A speculative verify (several tokens of one sequence in one call) gives each token exactly the
+    logits a one-token step gives it, so greedy output with drafts cannot differ from greedy without."""
+    llm = llamaforge.load(tiny_gguf)
+    m, step = llm.model, installed(llm.model)
+    ids, more = torch.randint(0, 512, (20,)).tolist(), torch.randint(0, 512, (7,)).tolist()
+    singles = teacher_forced(llm, ids, more)  # (7, vocab)
+    m.setup_caches(1, 128)
+    with torch.no_grad():
+        m(torch.tensor([ids]), torch.arange(len(ids)), last_only=True)
+        before = step.steps
+        rows = m(torch.tensor([more]), torch.arange(len(ids), len(ids) + len(more)))[0]
+    assert step.steps == before + 1  # one native call for all seven
+    assert torch.equal(rows, singles)
+    # the cache holds what seven single steps wrote: the next step agrees too
+    with torch.no_grad():
+        nxt = m(torch.tensor([[5]]), torch.tensor([len(ids) + len(more)]))[0, -1]
+    assert torch.equal(nxt, teacher_forced(llm, ids, more + [5])[-1])
+
+
+@needs_native
+def test_greedy_speculation_identical_with_the_fused_step(tiny_gguf):
+    from llamaforge.speculative import PromptLookup
+    llm = llamaforge.load(tiny_gguf)
+    ids = torch.randint(0, 512, (16,)).tolist() * 3  # repeats: prompt lookup drafts plenty
+    cfg = SamplingConfig(max_new_tokens=48)
+    plain = list(generate(llm.model, ids, cfg, decode=llm.decode))
+    step = installed(llm.model)
+    before = step.steps
+    spec = list(generate(llm.model, ids, cfg, decode=llm.decode, draft=PromptLookup()))
+    assert spec == plain
+    assert step.steps - before < len(plain)  # drafts were verified several tokens a call
+
+
+@needs_native
 def test_batched_rows_at_their_own_positions_equal_single_steps(tiny_gguf):
     """The serving engine's step: (B, 1) tokens at per-row positions (B, 1), each row its own cache row."""
     llm = llamaforge.load(tiny_gguf)

@@ -43,15 +43,30 @@ def test_cli_turns_a_missing_module_into_one_line(monkeypatch, capsys):
 
 def test_default_threads_take_the_free_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(threads, "allowed_cpus", lambda: 16)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.2, 0, 0))
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: set(range(16)))
+    monkeypatch.setattr(threads, "busy_cpus", lambda cpus: 5.2)
     assert threads.default_threads()[0] == 8  # 16 - 5.2 -> 11, capped
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.9, 0, 0))
-    monkeypatch.setattr(threads, "allowed_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cpus", lambda cpus: 1.6)
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: {0, 1})
     n, why = threads.default_threads()
-    assert n == 1 and "2 CPUs, load 3.9" in why  # a busy 2-core machine: one thread, never zero
+    assert n == 1 and "2 CPUs, 1.6 busy" in why  # a busy 2-core machine: one thread, never zero
+    monkeypatch.setattr(threads, "busy_cpus", lambda cpus: 0.1)
+    assert threads.default_threads()[0] == 2  # idle now, whatever ran a minute ago
+    # no /proc/stat (macOS): the 1-minute load average stands in
+    monkeypatch.setattr(threads, "busy_cpus", lambda cpus: None)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.9, 0, 0))
+    n, why = threads.default_threads()
+    assert n == 1 and "2 CPUs, load 3.9" in why
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.default_threads() == (3, "OMP_NUM_THREADS")
+
+
+def test_busy_cpus_reads_this_machine():
+    cpus = threads.allowed_cpus()
+    busy = threads.busy_cpus(cpus, window=0.02)
+    if busy is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= busy <= len(cpus)
 
 
 def test_use_applies_once_and_explicit_wins(monkeypatch):

@@ -59,7 +59,26 @@ class NativeDecode:
             return False
         return all(p._modules.get(a) is m for p, a, m in self.modules)
 
+    def verifiable(self, tokens, input_pos, mask, slots, last_only, hidden) -> bool:
+        """A few tokens continuing one cached sequence, all rows' logits wanted: a speculative verify.
+        The step runs them as rows of one pass (weights read once), each with a one-token step's arithmetic,
+        so greedy output with drafts equals greedy output without."""
+        if (not self.enabled or input_pos is None or tokens.dim() != 2 or tokens.size(0) != 1 or mask is not None
+                or slots is not None or last_only or hidden or not 2 <= tokens.size(1) <= VERIFY_TOKENS
+                or tokens.device.type != "cpu" or torch.is_grad_enabled() or input_pos.numel() != tokens.size(1)):
+            return False
+        cache = self.model.layers[0].attention.kv_cache
+        if cache is None or cache.k_cache.dtype != torch.float32:
+            return False
+        pos = input_pos.reshape(-1)
+        start, T = int(pos[0]), tokens.size(1)
+        if start < 1 or start + T > cache.k_cache.size(2) or not torch.equal(pos, torch.arange(start, start + T)):
+            return False
+        return all(p._modules.get(a) is m for p, a, m in self.modules)
+
     def __call__(self, tokens, input_pos=None, mask=None, slots=None, span=None, last_only=False, hidden=False):
+        if self.verifiable(tokens, input_pos, mask, slots, last_only, hidden):
+            return self._verify(tokens, input_pos)
         if not self.usable(tokens, input_pos, mask, slots):
             return self.eager(tokens, input_pos, mask, slots, span, last_only, hidden)
         m = self.model
@@ -74,10 +93,26 @@ class NativeDecode:
             vs.append(c.v_cache)
         rope = m.rope(m.max_seq_len, "cpu")
         self.steps += 1
-        return self.net.step(tokens.reshape(-1).long().contiguous(), pos, slots, keys, ks, vs, rope, hidden)
+        return self.net.step(tokens.reshape(-1).long().contiguous(), pos, slots, _NO_ROWS, keys, ks, vs, rope, hidden)
 
 
+    def _verify(self, tokens, input_pos):
+        """(1, T) tokens at positions start..start+T-1 of cache row 0 -> logits (1, T, vocab)."""
+        m = self.model
+        T = tokens.size(1)
+        pos = input_pos.reshape(-1).long().contiguous()
+        causal = torch.arange(int(pos[-1]) + 1)[None, :] <= pos[:, None]  # (T, start + T): token i sees slots <= start + i
+        ks = [layer.attention.kv_cache.k_cache for layer in m.layers]
+        vs = [layer.attention.kv_cache.v_cache for layer in m.layers]
+        self.steps += 1
+        out = self.net.step(tokens.reshape(-1).long().contiguous(), pos, pos, torch.zeros(T, dtype=torch.long), causal,
+                            ks, vs, m.rope(m.max_seq_len, "cpu"), False)
+        return out.view(1, T, -1)
+
+
+VERIFY_TOKENS = 16  # at most this many tokens of one sequence go through the step together
 _EMPTY = torch.empty(0, 0, dtype=torch.bool)
+_NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 def _parents(model):

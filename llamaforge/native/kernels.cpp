@@ -11,6 +11,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -146,6 +151,41 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
     float r = hsum8(_mm256_add_ps(a0, a1)), c = c0 + c1;                                             \
     return min ? r + c : r - 8 * c;                                                                  \
   }                                                                                                  \
+  TARGET void q4_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, int hdr, bool min, float* out, int64_t ldo) { \
+    int bb = hdr + 16;                                                                               \
+    __m256 a[2][MAXM]; float c[2][MAXM];                                                             \
+    for (int m = 0; m < M; m++) { a[0][m] = a[1][m] = _mm256_setzero_ps(); c[0][m] = c[1][m] = 0; }  \
+    for (int b = 0; b < nb; b++, w += bb) {                                                          \
+      float d = _cvtsh_ss(*(const uint16_t*)w), off = min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d; \
+      __m256i u = nibbles32(w + hdr); int p = b & 1;  /* the one-row loop's accumulator */        \
+      for (int m = 0; m < M; m++) {                                                                  \
+        const QRow& x = xs[m];                                                                       \
+        __m256i s = UDOT(u, _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32)));              \
+        a[p][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), a[p][m]);       \
+        c[p][m] += off * x.s[b];                                                                     \
+      }                                                                                              \
+    }                                                                                                \
+    for (int m = 0; m < M; m++) {                                                                    \
+      float r = hsum8(_mm256_add_ps(a[0][m], a[1][m])), cc = c[0][m] + c[1][m];                      \
+      out[m * ldo] = min ? r + cc : r - 8 * cc;                                                      \
+    }                                                                                                \
+  }                                                                                                  \
+  TARGET void q8_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, float* out, int64_t ldo) { \
+    __m256 a[2][MAXM];                                                                               \
+    for (int m = 0; m < M; m++) a[0][m] = a[1][m] = _mm256_setzero_ps();                             \
+    for (int b = 0; b < nb; b++, w += 34) {                                                          \
+      float d = _cvtsh_ss(*(const uint16_t*)w);                                                      \
+      __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2)), aw = _mm256_sign_epi8(wq, wq);       \
+      int p = b & 1;                                                                                 \
+      for (int m = 0; m < M; m++) {                                                                  \
+        const QRow& x = xs[m];                                                                       \
+        __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                     \
+        __m256i s = UDOT(aw, _mm256_sign_epi8(xq, wq));                                              \
+        a[p][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), a[p][m]);       \
+      }                                                                                              \
+    }                                                                                                \
+    for (int m = 0; m < M; m++) out[m * ldo] = hsum8(_mm256_add_ps(a[0][m], a[1][m]));               \
+  }                                                                                                  \
   TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 2, false); } \
   TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 4, true); }  \
   TARGET inline void q8_block_##SUFFIX(const uint8_t* w, const QRow& x, int b, __m256& acc) {        \
@@ -171,6 +211,8 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
     return r;                                                                                        \
   }
 
+constexpr int MAXM = 16;  // rows one multi-row pass carries (longer inputs go in groups)
+
 DEFINE_SIMD_DOTS(avx2, __attribute__((target("avx2,fma,f16c"))), udot_avx2)
 DEFINE_SIMD_DOTS(vnni, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), udot_vnni)
 
@@ -182,6 +224,9 @@ struct Dots {
   float (*q8_0)(const uint8_t*, const QRow&, int);
   float (*f32)(const float*, const float*, int);
   const char* name;
+  // several activation rows against one weight row (the weight's blocks unpacked once), or null: one row at a time
+  void (*q4m)(const uint8_t*, const QRow*, int, int, int, bool, float*, int64_t);
+  void (*q8m)(const uint8_t*, const QRow*, int, int, float*, int64_t);
 };
 
 Dots pick_dots() {
@@ -190,12 +235,92 @@ Dots pick_dots() {
   __builtin_cpu_init();
   bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (vnni && (f.empty() || f == "vnni")) return {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni, dot_f32_vnni, "avx512vnni"};
-  if (avx2 && (f.empty() || f == "vnni" || f == "avx2")) return {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2, dot_f32_avx2, "avx2"};
-  return {dot_q4_0_ref, dot_q4_1_ref, dot_q8_0_ref, dot_f32_ref, "c"};
+  if (vnni && (f.empty() || f == "vnni")) return {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni, dot_f32_vnni, "avx512vnni", q4_dots_vnni, q8_dots_vnni};
+  if (avx2 && (f.empty() || f == "vnni" || f == "avx2")) return {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2, dot_f32_avx2, "avx2", q4_dots_avx2, q8_dots_avx2};
+  return {dot_q4_0_ref, dot_q4_1_ref, dot_q8_0_ref, dot_f32_ref, "c", nullptr, nullptr};
 }
 
 const Dots& dots() { static Dots d = pick_dots(); return d; }
+
+// ---- a thread pool whose workers spin while a decode step runs (ggml's approach) ----
+// A step makes ~250 parallel regions of 10-100 us each. OpenMP (at::parallel_for) parks its threads on a
+// futex between regions, and waking them costs about as much as the work, so a second thread gained
+// nothing (37 tok/s at 1 and at 2 threads). Here the workers spin on a generation counter during a step
+// (region cost < 1 us) and sleep between steps.
+class Pool {
+ public:
+  ~Pool() {
+    { std::lock_guard<std::mutex> lk(mu_); stop_ = true; }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  // Workers spin from begin() to end() (one step); n threads in all, the caller included.
+  void begin(int n) {
+    n = std::max(1, std::min(n, 64));
+    while ((int)workers_.size() < n - 1) {
+      int idx = (int)workers_.size() + 1;
+      uint64_t g = gen_.load();  // the generation it has seen: read here, before any run() can move it
+      workers_.emplace_back([this, idx, g] { loop(idx, g); });
+    }
+    nth_ = n;
+    { std::lock_guard<std::mutex> lk(mu_); spinning_.store(true); }
+    cv_.notify_all();
+  }
+  void end() { spinning_.store(false); }
+  int threads() const { return nth_; }
+  // fn(t, nth) on every thread t in [0, nth); returns when all are done.
+  void run(const std::function<void(int, int)>& fn) {
+    if (nth_ <= 1) { fn(0, 1); return; }
+    task_ = &fn;
+    pending_.store(nth_ - 1, std::memory_order_relaxed);
+    if (spinning_.load()) gen_.fetch_add(1, std::memory_order_release);
+    else { { std::lock_guard<std::mutex> lk(mu_); gen_.fetch_add(1, std::memory_order_release); } cv_.notify_all(); }
+    fn(0, nth_);
+    while (pending_.load(std::memory_order_acquire)) _mm_pause();
+  }
+
+ private:
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> spinning_{false};
+  const std::function<void(int, int)>* task_ = nullptr;
+  int nth_ = 1;
+  bool stop_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_;
+
+  void loop(int idx, uint64_t seen) {
+    for (;;) {
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        if (spinning_.load(std::memory_order_relaxed) || ++spins < 20000) { _mm_pause(); continue; }
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || spinning_.load() || gen_.load() != seen; });
+        if (stop_) return;
+        spins = 0;
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (idx < nth_) (*task_)(idx, nth_);
+      if (idx < nth_) pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+};
+
+Pool& pool() { static Pool p; return p; }
+std::mutex& pool_mutex() { static std::mutex m; return m; }
+
+// The pool for one step (or one op): spinning workers while it lives, one user at a time.
+struct PoolScope {
+  std::lock_guard<std::mutex> lk;
+  explicit PoolScope(int n) : lk(pool_mutex()) { pool().begin(n); }
+  ~PoolScope() { pool().end(); }
+};
+
+// Rows [0, N) in nth contiguous shares; share t of thread t.
+inline void share(int64_t N, int t, int nth, int64_t& n0, int64_t& n1) {
+  n0 = N * t / nth; n1 = N * (t + 1) / nth;
+}
 
 // ---- a weight: blocks (N, row bytes) uint8 or F32 (N, K) ----
 
@@ -220,25 +345,40 @@ struct Weight {
   }
 };
 
-// y[m, n] = x[m] . W[n] for M activation rows (fp32 xf and, for block types, quantized xq)
-void matvec(const Weight& w, int M, const float* xf, const std::vector<QRow>& xq, float* y, int64_t ldy) {
+// y[m, n] = x[m] . W[n] for M activation rows (fp32 xf and, for block types, quantized xq), rows n in [n0, n1)
+void matvec_rows(const Weight& w, int M, const float* xf, const std::vector<QRow>& xq, float* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
   const Dots& D = dots();
   int nb = w.K / 32;
-  int64_t grain = std::max<int64_t>(16, 4096 / std::max(1, w.K / 64));
-  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-      const uint8_t* row = w.data + n * w.row_bytes;
-      for (int m = 0; m < M; m++) {
-        float v;
-        switch (w.type) {
-          case Q4_0: v = D.q4_0(row, xq[m], nb); break;
-          case Q4_1: v = D.q4_1(row, xq[m], nb); break;
-          case Q8_0: v = D.q8_0(row, xq[m], nb); break;
-          default: v = D.f32((const float*)row, xf + (int64_t)m * w.K, w.K);
-        }
-        y[m * ldy + n] = v;
+  bool multi = M > 1 && w.type != F32 && (w.type == Q8_0 ? D.q8m != nullptr : D.q4m != nullptr);
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* row = w.data + n * w.row_bytes;
+    if (multi) {
+      for (int m0 = 0; m0 < M; m0 += MAXM) {
+        int mm = std::min(MAXM, M - m0);
+        if (w.type == Q8_0) D.q8m(row, xq.data() + m0, mm, nb, y + m0 * ldy + n, ldy);
+        else D.q4m(row, xq.data() + m0, mm, nb, w.type == Q4_0 ? 2 : 4, w.type == Q4_1, y + m0 * ldy + n, ldy);
       }
+      continue;
     }
+    for (int m = 0; m < M; m++) {
+      float v;
+      switch (w.type) {
+        case Q4_0: v = D.q4_0(row, xq[m], nb); break;
+        case Q4_1: v = D.q4_1(row, xq[m], nb); break;
+        case Q8_0: v = D.q8_0(row, xq[m], nb); break;
+        default: v = D.f32((const float*)row, xf + (int64_t)m * w.K, w.K);
+      }
+      y[m * ldy + n] = v;
+    }
+  }
+}
+
+// the same over all rows, shared among the pool's threads (callers hold a PoolScope)
+void matvec(const Weight& w, int M, const float* xf, const std::vector<QRow>& xq, float* y, int64_t ldy) {
+  pool().run([&](int t, int nth) {
+    int64_t n0, n1; share(w.N, t, nth, n0, n1);
+    matvec_rows(w, M, xf, xq, y, ldy, n0, n1);
   });
 }
 
@@ -284,6 +424,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor blocks, int64_t type, int64_
   auto y = torch::empty({M, w.N}, torch::kFloat32);
   std::vector<QRow> xq;
   prepare(w, M, xc.data_ptr<float>(), xq);
+  PoolScope scope(at::get_num_threads());
   matvec(w, M, xc.data_ptr<float>(), xq, y.data_ptr<float>(), w.N);
   return y;
 }
@@ -336,58 +477,80 @@ class Model {
     }
   }
 
-  // tokens (B,), pos (B,) rotary positions, slots (B,) cache slots written, int64; mask: empty (attend slots
-  // 0..slot) or (B, Sm) bool (attend slot s < Sm where set); caches: k, v per layer (Bc, n_kv, S, hd) fp32,
-  // contiguous; rope (> max pos, hd/2, 2) fp32. Returns logits (B, 1, vocab), or the final-norm hidden
-  // states (B, 1, dim) with `want_hidden`.
-  torch::Tensor step(torch::Tensor tokens, torch::Tensor pos, torch::Tensor slots, torch::Tensor mask,
+  // tokens (B,), pos (B,) rotary positions, slots (B,) cache slots written, rows (B,) cache rows (empty: row b),
+  // int64; mask: empty (attend slots 0..slot) or (B, Sm) bool (attend slot s < Sm where set); caches: k, v per
+  // layer (Bc, n_kv, S, hd) fp32, contiguous; rope (> max pos, hd/2, 2) fp32. Several tokens of one sequence
+  // (a speculative verify) share a cache row, each writing its slot and masking the later ones; every row's
+  // arithmetic is the same as a one-token step's, so the logits are too. Returns logits (B, 1, vocab), or the
+  // final-norm hidden states (B, 1, dim) with `want_hidden`.
+  torch::Tensor step(torch::Tensor tokens, torch::Tensor pos, torch::Tensor slots, torch::Tensor rows, torch::Tensor mask,
                      std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc, torch::Tensor rope_table, bool want_hidden) {
     int B = (int)tokens.size(0);
-    auto tok = tokens.contiguous(); auto ps = pos.contiguous(); auto sl = slots.contiguous();
+    auto tok = tokens.contiguous(); auto ps = pos.contiguous(); auto sl = slots.contiguous(); auto rw = rows.contiguous();
     const int64_t* tk = tok.data_ptr<int64_t>(); const int64_t* pp = ps.data_ptr<int64_t>(); const int64_t* ss = sl.data_ptr<int64_t>();
+    const int64_t* rr = rw.numel() ? rw.data_ptr<int64_t>() : nullptr;
     int64_t S = kc[0].size(2);
-    TORCH_CHECK((int64_t)kc.size() == n_layers && kc[0].size(0) >= B && kc[0].is_contiguous(), "native.step: caches do not match the model");
+    TORCH_CHECK((int64_t)kc.size() == n_layers && kc[0].is_contiguous(), "native.step: caches do not match the model");
+    TORCH_CHECK(!rr || rw.numel() == B, "native.step: one cache row per token");
     int64_t Sm = mask.numel() ? mask.size(1) : 0;
     TORCH_CHECK(!Sm || (mask.scalar_type() == torch::kBool && mask.size(0) == B && mask.is_contiguous() && Sm <= S), "native.step: bad mask");
     const bool* mk = Sm ? mask.data_ptr<bool>() : nullptr;
-    for (int b = 0; b < B; b++)
-      TORCH_CHECK(pp[b] >= 0 && pp[b] < rope_table.size(0) && ss[b] >= 0 && ss[b] < S && tk[b] >= 0 && tk[b] < vocab,
-                  "native.step: position, slot or token out of range");
+    std::vector<int64_t> row(B);
+    for (int b = 0; b < B; b++) {
+      row[b] = rr ? rr[b] : b;
+      TORCH_CHECK(pp[b] >= 0 && pp[b] < rope_table.size(0) && ss[b] >= 0 && ss[b] < S && tk[b] >= 0 && tk[b] < vocab &&
+                  row[b] >= 0 && row[b] < kc[0].size(0), "native.step: position, slot, row or token out of range");
+    }
     const float* rt = rope_table.data_ptr<float>();
     int qd = n_heads * hd, kd = n_kv * hd;
     std::vector<float> x(B * dim), xn(B * dim), q(B * qd), k(B * kd), v(B * kd), att(B * qd), h1(B * hidden), h3(B * hidden), tmp(B * dim);
-    std::vector<QRow> xq;
+    std::vector<QRow> xq, xq2;
+    PoolScope scope(at::get_num_threads());
+    Pool& P = pool();
     for (int b = 0; b < B; b++) embed(tk[b], x.data() + b * dim);
     for (int l = 0; l < n_layers; l++) {
       const Layer& L = layers[l];
       for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, L.attn_norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
-      prepare(L.wq, B, xn.data(), xq);  // one activation quantization for q, k and v
-      matvec(L.wq, B, xn.data(), xq, q.data(), qd);
-      if (L.wk.type != L.wq.type) prepare(L.wk, B, xn.data(), xq);
-      matvec(L.wk, B, xn.data(), xq, k.data(), kd);
-      if (L.wv.type != L.wk.type) prepare(L.wv, B, xn.data(), xq);
-      matvec(L.wv, B, xn.data(), xq, v.data(), kd);
+      prepare(L.wq, B, xn.data(), xq);  // one activation quantization for q, k and v (unless their types differ)
+      bool kq = L.wk.type != L.wq.type;
+      if (kq) prepare(L.wk, B, xn.data(), xq2);
+      P.run([&](int t, int nth) {  // q, k and v in one region: each thread its share of each
+        int64_t n0, n1;
+        share(L.wq.N, t, nth, n0, n1); matvec_rows(L.wq, B, xn.data(), xq, q.data(), qd, n0, n1);
+        share(L.wk.N, t, nth, n0, n1); matvec_rows(L.wk, B, xn.data(), kq ? xq2 : xq, k.data(), kd, n0, n1);
+        share(L.wv.N, t, nth, n0, n1);
+        matvec_rows(L.wv, B, xn.data(), L.wv.type == L.wq.type ? xq : xq2, v.data(), kd, n0, n1);
+      });
+      if (L.wv.type != L.wq.type && L.wv.type != L.wk.type) {  // a third type: redo v with its own quantization
+        prepare(L.wv, B, xn.data(), xq2);
+        matvec(L.wv, B, xn.data(), xq2, v.data(), kd);
+      }
       float* K0 = kc[l].data_ptr<float>(); float* V0 = vc[l].data_ptr<float>();
       for (int b = 0; b < B; b++) {
         const float* cs = rt + pp[b] * hd;  // (hd / 2, 2) at this position
         rope(q.data() + b * qd, cs, n_heads, hd);
         rope(k.data() + b * kd, cs, n_kv, hd);
         for (int g = 0; g < n_kv; g++) {
-          int64_t off = (((int64_t)b * n_kv + g) * S + ss[b]) * hd;
+          int64_t off = ((row[b] * n_kv + g) * S + ss[b]) * hd;
           std::memcpy(K0 + off, k.data() + b * kd + g * hd, hd * 4);
           std::memcpy(V0 + off, v.data() + b * kd + g * hd, hd * 4);
         }
       }
-      attention(B, ss, mk, Sm, K0, V0, S, q.data(), att.data());
+      attention(B, row.data(), ss, mk, Sm, K0, V0, S, q.data(), att.data());
       prepare(L.wo, B, att.data(), xq);
       matvec(L.wo, B, att.data(), xq, tmp.data(), dim);
       for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
       for (int b = 0; b < B; b++) rmsnorm(x.data() + b * dim, L.ffn_norm.data_ptr<float>(), xn.data() + b * dim, dim, eps);
       prepare(L.w1, B, xn.data(), xq);
-      matvec(L.w1, B, xn.data(), xq, h1.data(), hidden);
-      if (L.w3.type != L.w1.type) prepare(L.w3, B, xn.data(), xq);
-      matvec(L.w3, B, xn.data(), xq, h3.data(), hidden);
-      for (int i = 0; i < B * hidden; i++) { float a = h1[i]; h1[i] = a / (1.f + std::exp(-a)) * h3[i]; }
+      bool q3 = L.w3.type != L.w1.type;
+      if (q3) prepare(L.w3, B, xn.data(), xq2);
+      P.run([&](int t, int nth) {  // gate and up in one region, SwiGLU on the thread's own share
+        int64_t n0, n1; share(hidden, t, nth, n0, n1);
+        matvec_rows(L.w1, B, xn.data(), xq, h1.data(), hidden, n0, n1);
+        matvec_rows(L.w3, B, xn.data(), q3 ? xq2 : xq, h3.data(), hidden, n0, n1);
+        for (int b = 0; b < B; b++)
+          for (int64_t i = b * (int64_t)hidden + n0; i < b * (int64_t)hidden + n1; i++) { float a = h1[i]; h1[i] = a / (1.f + std::exp(-a)) * h3[i]; }
+      });
       prepare(L.w2, B, h1.data(), xq);
       matvec(L.w2, B, h1.data(), xq, tmp.data(), dim);
       for (int i = 0; i < B * dim; i++) x[i] += tmp[i];
@@ -415,21 +578,22 @@ class Model {
 
   void embed(int64_t t, float* o) { dequantize_row(emb.type, emb.data + t * emb.row_bytes, dim, o); }
 
-  // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each row (or the slots its mask row sets);
-  // query head h reads kv head h / rep
-  void attention(int B, const int64_t* ss, const bool* mk, int64_t Sm, const float* K0, const float* V0, int64_t S,
-                 const float* q, float* out) {
+  // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each token's cache row (or the slots its mask row
+  // sets); query head h reads kv head h / rep
+  void attention(int B, const int64_t* row, const int64_t* ss, const bool* mk, int64_t Sm, const float* K0, const float* V0,
+                 int64_t S, const float* q, float* out) {
     int rep = n_heads / n_kv, qd = n_heads * hd;
     float scale = 1.f / std::sqrt((float)hd);
     const Dots& D = dots();
-    at::parallel_for(0, (int64_t)B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+    pool().run([&](int t, int nth) {
+      int64_t i0, i1; share((int64_t)B * n_heads, t, nth, i0, i1);
       std::vector<float> sc;
       for (int64_t i = i0; i < i1; i++) {
         int b = (int)(i / n_heads), h = (int)(i % n_heads), g = h / rep;
         int64_t n = mk ? Sm : ss[b] + 1;
         const bool* keep = mk ? mk + b * Sm : nullptr;
-        const float* Kb = K0 + ((int64_t)b * n_kv + g) * S * hd;
-        const float* Vb = V0 + ((int64_t)b * n_kv + g) * S * hd;
+        const float* Kb = K0 + (row[b] * n_kv + g) * S * hd;
+        const float* Vb = V0 + (row[b] * n_kv + g) * S * hd;
         const float* qh = q + b * qd + h * hd;
         sc.resize(n);
         float mx = -INFINITY;
