@@ -216,6 +216,100 @@ constexpr int MAXM = 16;  // rows one multi-row pass carries (longer inputs go i
 DEFINE_SIMD_DOTS(avx2, __attribute__((target("avx2,fma,f16c"))), udot_avx2)
 DEFINE_SIMD_DOTS(vnni, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), udot_vnni)
 
+// ---- attention over one chunk of cached keys, for the `rep` query heads that share a kv head ----
+// Unnormalized (flash-decoding): mx[r] = max score, l[r] = sum exp(score - mx[r]), o[r] = sum exp(...) v.
+// Masked slots (keep[s] false) count exactly zero. sc: scratch of rep * (s1 - s0) floats.
+void attn_chunk_ref(const float* K, const float* V, int hd, const float* q, int rep, float scale, const bool* keep,
+                    int64_t s0, int64_t s1, float* mx, float* l, float* o, float* sc) {
+  int64_t n = s1 - s0;
+  for (int r = 0; r < rep; r++) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+      int64_t s = s0 + i;
+      float v = -INFINITY;
+      if (!keep || keep[s]) { v = 0; for (int j = 0; j < hd; j++) v += K[s * hd + j] * q[r * hd + j]; v *= scale; }
+      sc[r * n + i] = v; m = std::max(m, v);
+    }
+    float sum = 0;
+    for (int64_t i = 0; i < n; i++) { float e = sc[r * n + i] == -INFINITY ? 0.f : std::exp(sc[r * n + i] - m); sc[r * n + i] = e; sum += e; }
+    mx[r] = m; l[r] = sum;
+    for (int j = 0; j < hd; j++) o[r * hd + j] = 0;
+    for (int64_t i = 0; i < n; i++) {
+      float e = sc[r * n + i];
+      if (e != 0.f) for (int j = 0; j < hd; j++) o[r * hd + j] += e * V[(s0 + i) * hd + j];
+    }
+  }
+}
+
+// exp on 8 lanes (Cephes' polynomial, as avx_mathfun): relative error ~1e-7 over the softmax's range
+__attribute__((target("avx2,fma,f16c")))
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// AVX2 (head_dim a multiple of 8): each key and value row is read once for all `rep` heads
+__attribute__((target("avx2,fma,f16c")))
+void attn_chunk_avx2(const float* K, const float* V, int hd, const float* q, int rep, float scale, const bool* keep,
+                     int64_t s0, int64_t s1, float* mx, float* l, float* o, float* sc) {
+  int64_t n = s1 - s0;
+  int nv = hd / 8;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t s = s0 + i;
+    if (keep && !keep[s]) { for (int r = 0; r < rep; r++) sc[r * n + i] = -INFINITY; continue; }
+    const float* k = K + s * hd;
+    for (int r = 0; r < rep; r++) {
+      const float* qr = q + r * hd;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int j = 0;
+      for (; j + 1 < nv; j += 2) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * j), _mm256_loadu_ps(qr + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * j + 8), _mm256_loadu_ps(qr + 8 * j + 8), a1);
+      }
+      if (j < nv) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * j), _mm256_loadu_ps(qr + 8 * j), a0);
+      sc[r * n + i] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int r = 0; r < rep; r++) {
+    float* sr = sc + r * n;
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = std::max(m, sr[i]);
+    mx[r] = m;
+    __m256 vm = _mm256_set1_ps(m == -INFINITY ? 0.f : m), acc = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      __m256 v = _mm256_loadu_ps(sr + i);
+      __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(v, vm)));  // masked: 0
+      _mm256_storeu_ps(sr + i, e); acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum8(acc);
+    for (; i < n; i++) { float e = sr[i] == -INFINITY ? 0.f : std::exp(sr[i] - m); sr[i] = e; sum += e; }
+    l[r] = sum;
+  }
+  for (int r = 0; r < rep * hd; r += 8) _mm256_storeu_ps(o + r, _mm256_setzero_ps());
+  for (int64_t i = 0; i < n; i++) {
+    const float* v = V + (s0 + i) * hd;
+    for (int r = 0; r < rep; r++) {
+      float e = sc[r * n + i];
+      if (e == 0.f) continue;
+      __m256 ve = _mm256_set1_ps(e);
+      float* orow = o + r * hd;
+      for (int j = 0; j < nv; j++) _mm256_storeu_ps(orow + 8 * j, _mm256_fmadd_ps(ve, _mm256_loadu_ps(v + 8 * j), _mm256_loadu_ps(orow + 8 * j)));
+    }
+  }
+}
+
 // maddubs saturates at 2 x 127 x 255 only for Q8_0's |w| x x products of 127 x 127 x 2 = 32258 < 32767: safe.
 
 struct Dots {
@@ -227,6 +321,7 @@ struct Dots {
   // several activation rows against one weight row (the weight's blocks unpacked once), or null: one row at a time
   void (*q4m)(const uint8_t*, const QRow*, int, int, int, bool, float*, int64_t);
   void (*q8m)(const uint8_t*, const QRow*, int, int, float*, int64_t);
+  void (*attn)(const float*, const float*, int, const float*, int, float, const bool*, int64_t, int64_t, float*, float*, float*, float*);
 };
 
 Dots pick_dots() {
@@ -235,9 +330,9 @@ Dots pick_dots() {
   __builtin_cpu_init();
   bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (vnni && (f.empty() || f == "vnni")) return {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni, dot_f32_vnni, "avx512vnni", q4_dots_vnni, q8_dots_vnni};
-  if (avx2 && (f.empty() || f == "vnni" || f == "avx2")) return {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2, dot_f32_avx2, "avx2", q4_dots_avx2, q8_dots_avx2};
-  return {dot_q4_0_ref, dot_q4_1_ref, dot_q8_0_ref, dot_f32_ref, "c", nullptr, nullptr};
+  if (vnni && (f.empty() || f == "vnni")) return {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni, dot_f32_vnni, "avx512vnni", q4_dots_vnni, q8_dots_vnni, attn_chunk_avx2};
+  if (avx2 && (f.empty() || f == "vnni" || f == "avx2")) return {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2, dot_f32_avx2, "avx2", q4_dots_avx2, q8_dots_avx2, attn_chunk_avx2};
+  return {dot_q4_0_ref, dot_q4_1_ref, dot_q8_0_ref, dot_f32_ref, "c", nullptr, nullptr, attn_chunk_ref};
 }
 
 const Dots& dots() { static Dots d = pick_dots(); return d; }
@@ -579,39 +674,62 @@ class Model {
   void embed(int64_t t, float* o) { dequantize_row(emb.type, emb.data + t * emb.row_bytes, dim, o); }
 
   // softmax(q k^T / sqrt(hd)) v over cache slots 0..slot of each token's cache row (or the slots its mask row
-  // sets); query head h reads kv head h / rep
+  // sets); query head h reads kv head h / rep. Keys go in chunks of ATTN_CHUNK (flash-decoding): the (token,
+  // kv head, chunk) items are shared among the threads, then each head's chunks are merged. Chunks depend only
+  // on a token's own span (never on the thread count or the batch), so a row's result does not either.
+  static constexpr int64_t ATTN_CHUNK = 256;
   void attention(int B, const int64_t* row, const int64_t* ss, const bool* mk, int64_t Sm, const float* K0, const float* V0,
                  int64_t S, const float* q, float* out) {
     int rep = n_heads / n_kv, qd = n_heads * hd;
     float scale = 1.f / std::sqrt((float)hd);
-    const Dots& D = dots();
+    auto attn = (hd % 8 == 0) ? dots().attn : attn_chunk_ref;
+    struct Item { int b, g; int64_t s0, s1; };
+    std::vector<Item> items;
+    std::vector<int64_t> first(B + 1);  // items of token b: [first[b], first[b + 1]), g-major
+    for (int b = 0; b < B; b++) {
+      first[b] = (int64_t)items.size();
+      int64_t n = ss[b] + 1;
+      if (mk) { n = Sm; while (n > 0 && !mk[b * Sm + n - 1]) n--; }
+      for (int g = 0; g < n_kv; g++)
+        for (int64_t s0 = 0; s0 < std::max<int64_t>(n, 1); s0 += ATTN_CHUNK) items.push_back({b, g, s0, std::min(n, s0 + ATTN_CHUNK)});
+    }
+    first[B] = (int64_t)items.size();
+    int64_t per = (int64_t)rep * (hd + 2);  // mx, l, o for the rep heads
+    std::vector<float> part(items.size() * per);
     pool().run([&](int t, int nth) {
-      int64_t i0, i1; share((int64_t)B * n_heads, t, nth, i0, i1);
+      int64_t i0, i1; share((int64_t)items.size(), t, nth, i0, i1);
       std::vector<float> sc;
       for (int64_t i = i0; i < i1; i++) {
-        int b = (int)(i / n_heads), h = (int)(i % n_heads), g = h / rep;
-        int64_t n = mk ? Sm : ss[b] + 1;
-        const bool* keep = mk ? mk + b * Sm : nullptr;
-        const float* Kb = K0 + (row[b] * n_kv + g) * S * hd;
-        const float* Vb = V0 + (row[b] * n_kv + g) * S * hd;
-        const float* qh = q + b * qd + h * hd;
-        sc.resize(n);
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < n; s++) {
-          sc[s] = (!keep || keep[s]) ? D.f32(Kb + s * hd, qh, hd) * scale : -INFINITY;
-          mx = std::max(mx, sc[s]);
-        }
-        float sum = 0;
-        for (int64_t s = 0; s < n; s++) { sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - mx); sum += sc[s]; }
-        float* o = out + b * qd + h * hd;
-        for (int j = 0; j < hd; j++) o[j] = 0;
-        for (int64_t s = 0; s < n; s++) {
-          if (sc[s] == 0.f) continue;
-          float p = sc[s] / sum; const float* vs = Vb + s * hd;
-          for (int j = 0; j < hd; j++) o[j] += p * vs[j];
-        }
+        const Item& it = items[i];
+        sc.resize((size_t)rep * std::max<int64_t>(it.s1 - it.s0, 1));
+        const float* Kb = K0 + (row[it.b] * n_kv + it.g) * S * hd;
+        const float* Vb = V0 + (row[it.b] * n_kv + it.g) * S * hd;
+        float* pr = part.data() + i * per;
+        attn(Kb, Vb, hd, q + it.b * qd + it.g * rep * hd, rep, scale, mk ? mk + it.b * Sm : nullptr, it.s0, it.s1,
+             pr, pr + rep, pr + 2 * rep, sc.data());
       }
     });
+    for (int b = 0; b < B; b++) {
+      int64_t nc = (first[b + 1] - first[b]) / n_kv;  // chunks per kv head
+      for (int g = 0; g < n_kv; g++)
+        for (int r = 0; r < rep; r++) {
+          float* o = out + b * qd + (g * rep + r) * hd;
+          float m = -INFINITY, l = 0;
+          for (int64_t c = 0; c < nc; c++) m = std::max(m, part[(first[b] + g * nc + c) * per + r]);
+          for (int j = 0; j < hd; j++) o[j] = 0;
+          if (m == -INFINITY) continue;  // nothing to attend: zeros
+          for (int64_t c = 0; c < nc; c++) {
+            const float* pr = part.data() + (first[b] + g * nc + c) * per;
+            if (pr[r] == -INFINITY) continue;
+            float w = std::exp(pr[r] - m);
+            l += w * pr[rep + r];
+            const float* oc = pr + 2 * rep + r * hd;
+            for (int j = 0; j < hd; j++) o[j] += w * oc[j];
+          }
+          float il = 1.f / l;
+          for (int j = 0; j < hd; j++) o[j] *= il;
+        }
+    }
   }
 };
 
