@@ -189,7 +189,7 @@ def test_model_names_one_id_and_the_aliases(tmp_path):
 
 
 def test_server_context_is_the_models_bounded_by_memory():
-    from llamaforge.commands.serve import fit_context
+    from llamaforge.serving.engine import fit_context
     cfg = ModelConfig.from_name("smollm2-135m-instruct")  # K and V, 30 layers x 3 KV heads x 64, fp32: 46 KB/token/row
     assert fit_context(cfg, 8, 4, available=64 * 2 ** 30) == 8192
     assert fit_context(cfg, 8, 4, available=4 * 2 ** 30) == 4096  # 8 rows x 8192 tokens: 3 GB, over half of 4 GB

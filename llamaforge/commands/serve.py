@@ -8,28 +8,6 @@ from ..errors import LlamaforgeError, require
 from .common import add_config_flags, add_model_flags, config_from_args, load_llm
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable), or 0 when unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def fit_context(cfg, max_batch: int, kv_bytes: int, available: int, share: float = 0.5) -> int:
-    """The model's context window, halved until `max_batch` sequences' KV caches fit in `share` of the
-    available memory (at least 512 tokens, or the model's window when it is smaller)."""
-    ctx = cfg.max_seq_len
-    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_bytes * max_batch  # keys and values, every row
-    while available and ctx > 512 and ctx * per_token > share * available:
-        ctx //= 2
-    return ctx
-
-
 def cmd_serve(args) -> None:
     from ..serving.api import ServeConfig
     cfg = config_from_args(args, ServeConfig)
@@ -47,8 +25,8 @@ def cmd_serve(args) -> None:
     from .. import threads
     cpu = f"; cpu: {threads.describe()}" if llm.device.type == "cpu" else ""
     if cfg.ctx_size == 0:
-        kv_bytes = llm.model.norm.weight.element_size()  # the KV caches take the model's float dtype (model.setup_caches)
-        cfg.ctx_size = fit_context(llm.config, cfg.max_batch, kv_bytes, available_memory())
+        from ..serving.engine import default_context
+        cfg.ctx_size = default_context(llm.model, cfg.max_batch)
         if cfg.ctx_size < llm.config.max_seq_len:
             print(f"[context {cfg.ctx_size:,} of the model's {llm.config.max_seq_len:,} tokens: {cfg.max_batch} sequences' "
                   "KV caches at full length would not fit in memory; --ctx-size or --max-batch to change]", file=sys.stderr)

@@ -175,9 +175,10 @@ class API:
     that leaves) and returns a JSON-ready dict or a `Stream`; errors are `APIError`s."""
 
     def __init__(self, llm, cfg: ServeConfig, name: str, embedder):
-        from .engine import Engine
+        from .engine import Engine, default_context
         self.llm, self.tok, self.cfg, self.name, self.embedder = llm, llm.tokenizer, cfg, name, embedder
-        self.engine = Engine(llm.model, cfg.max_batch, cfg.ctx_size or None, cfg.max_queue, cfg.prefix_cache_mb << 20)
+        ctx = cfg.ctx_size or default_context(llm.model, cfg.max_batch)  # the model's window, bounded by memory
+        self.engine = Engine(llm.model, cfg.max_batch, ctx, cfg.max_queue, cfg.prefix_cache_mb << 20)
         self.ctx, self.vocab = self.engine.max_seq_len, llm.config.vocab_size
         self.metrics, self.started = Metrics(), int(time.time())
 

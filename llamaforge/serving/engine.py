@@ -39,6 +39,35 @@ PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward
 SHARE_TOKENS = 32  # a waiting prompt sharing this many leading tokens with one being prefilled waits for it
 
 
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def fit_context(cfg, max_batch: int, kv_bytes: int, available: int, share: float = 0.5) -> int:
+    """The model's context window, halved until `max_batch` sequences' KV caches fit in `share` of the
+    available memory (at least 512 tokens, or the model's window when it is smaller)."""
+    ctx = cfg.max_seq_len
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_bytes * max_batch  # keys and values, every row
+    while available and ctx > 512 and ctx * per_token > share * available:
+        ctx //= 2
+    return ctx
+
+
+def default_context(model, max_batch: int) -> int:
+    """The context a server gives each of `max_batch` sequences when nobody said: the model's window,
+    bounded by memory (`fit_context`; the caches take the model's float dtype, model.setup_caches)."""
+    return fit_context(model.config, max_batch, model.norm.weight.element_size(), available_memory())
+
+
 class PrefixCache:
     """Keys and values of finished sequences, keyed by their token ids, within `budget` bytes (least
     recently used evicted). Each entry is one whole sequence: an entry that another extends is replaced
