@@ -297,7 +297,7 @@ def main() -> None:
     res = {"threads": args.threads, "runs": args.runs, "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     if set(parts) & {"chat", "clients", "spec"}:
         import llamaforge
-        llm = llamaforge.load()
+        llm = llamaforge.load(threads=args.threads)  # not the default, which looks at the machine's load
         for name, fn in (("chat", bench_chat), ("clients", bench_clients), ("spec", bench_spec)):
             if name in parts:
                 res[name] = fn(llm, args)

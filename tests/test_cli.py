@@ -26,7 +26,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None
 
 @needs_default_model
 def test_piped_chat_answers_each_line_and_exits():
-    r = run_cli("chat", stdin="What is the capital of France?\n")
+    # not "What is the capital of France?": a near-tie for the int4 model with 8-bit activations on hosts whose
+    # prompts run in fp32, answered "L'Étoile, la Marseillaise, ..." there -- as llama.cpp answers it (tests/test_llm.py)
+    r = run_cli("chat", stdin="Name the capital of France.\n")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
