@@ -15,6 +15,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,29 @@ class _Corrupt(Exception):
     pass
 
 
+# ggml type id -> (name, values per block, bytes per block) for the types LLaMA files carry, as gguf-py's
+# GGML_QUANT_SIZES has them (test_gguf checks they agree). Opening a file needs nothing else, and
+# `import gguf` costs ~0.17 s of a chat's start (it imports requests and sentencepiece); other ids ask gguf-py.
+_GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+               7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+               12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 30: ("BF16", 1, 2)}
+GGMLType = IntEnum("GGMLType", {name: i for i, (name, _, _) in _GGML_TYPES.items()})  # == gguf-py's members by value
+
+
+def ggml_type(type_id: int):
+    """(type, values per block, bytes per block) of a ggml type id; ValueError for an unknown id."""
+    if type_id in _GGML_TYPES:
+        _, block, size = _GGML_TYPES[type_id]
+        return GGMLType(type_id), block, size
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    qtype = GGMLQuantizationType(type_id)
+    return (qtype, *GGML_QUANT_SIZES[qtype])
+
+
 @dataclass
 class GGUFTensor:
     name: str
-    qtype: object  # gguf.GGMLQuantizationType
+    qtype: object  # GGMLType or gguf.GGMLQuantizationType (equal by value)
     shape: tuple[int, ...]  # PyTorch order: (out_features, in_features)
     offset: int  # absolute byte offset in the file
     n_bytes: int
@@ -186,14 +206,12 @@ def _parse(buf, size: int) -> tuple[dict, list[tuple], int]:
 
 
 def _tensors(infos: list[tuple], data_start: int, size: int) -> dict[str, GGUFTensor]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     out = {}
     for name, dims, type_id, rel in infos:
         try:
-            qtype = GGMLQuantizationType(type_id)
+            qtype, block, type_size = ggml_type(type_id)
         except ValueError:
             raise _Corrupt(f"tensor {name!r} has unknown ggml type id {type_id}") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
         n = math.prod(dims)
         if dims[0] % block:
             raise _Corrupt(f"tensor {name!r} has rows of {dims[0]} values, not a multiple of the {qtype.name} block ({block})")
@@ -368,14 +386,14 @@ _CHUNK_BLOCKS = 1 << 15  # work on ~1M values at a time so the temporaries stay 
 
 def dequantize(raw: torch.Tensor, qtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Raw uint8 data of a tensor -> fp32 of `shape`. F32 data comes back as a view, not a copy."""
-    import gguf
     name = qtype.name
     if name == "F32":
         return raw.view(torch.float32).view(shape)
     if name in ("F16", "BF16"):
         return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float().view(shape)
     if name not in _DEQUANTIZERS:  # everything else: gguf-py's reference code
-        arr = gguf.quants.dequantize(raw.numpy(), qtype)
+        import gguf
+        arr = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(int(qtype)))
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).view(shape)
     fn, block_size, type_size = _DEQUANTIZERS[name]
     blocks = raw.reshape(-1, type_size)  # (n_blocks, type_size)

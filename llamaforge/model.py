@@ -95,6 +95,12 @@ class KVCache(nn.Module):
         return self.k_cache[:B], self.v_cache[:B]
 
 
+def causal(input_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """(*input_pos.shape, S) bool: the token at position p sees cache slots 0..p. Made per call rather than
+    kept as a (max_seq_len, max_seq_len) table, which is 67 MB at an 8k window."""
+    return torch.arange(S, device=input_pos.device) <= input_pos[..., None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -194,8 +200,6 @@ class Transformer(nn.Module):
         c = self.config
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, w.device)
-        mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device))
-        self.register_buffer("causal_mask", mask, persistent=False)  # a buffer, so model.to(device) moves it
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.rope(max_seq_len, w.device)
 
@@ -207,7 +211,6 @@ class Transformer(nn.Module):
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self._buffers.pop("causal_mask", None)
         self.max_batch_size = self.max_seq_len = -1
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -235,13 +238,13 @@ class Transformer(nn.Module):
             if mask is not None:
                 pass
             elif input_pos.dim() == 1 and T == 1:  # decode: over `span` slots or the whole cache; empty slots masked
-                mask = self.causal_mask[None, None, input_pos, :span]  # (1, 1, 1, span or max_seq_len)
+                mask = causal(input_pos, span or self.max_seq_len)[None, None]  # (1, 1, 1, span or max_seq_len)
             elif input_pos.dim() == 1:  # a prompt chunk attends to the filled prefix; from position 0 plain causal
                 S = int(input_pos.max()) + 1
-                mask = None if S == T else self.causal_mask[None, None, input_pos, :S]  # (1, 1, T, S)
+                mask = None if S == T else causal(input_pos, S)[None, None]  # (1, 1, T, S)
             else:
                 S = int(input_pos.max()) + 1
-                mask = self.causal_mask[input_pos, :S][:, None]  # (B, 1, T, S)
+                mask = causal(input_pos, S)[:, None]  # (B, 1, T, S)
         for layer in self.layers:
             x = layer(x, rope, mask, slots)
         if last_only:

@@ -19,7 +19,7 @@ import torch
 import llamaforge
 from llamaforge.config import ModelConfig
 from llamaforge.errors import LlamaforgeError
-from llamaforge.gguf import GGUFFile, dequantize, map_name, rope_freq_factors
+from llamaforge.gguf import _GGML_TYPES, GGUFFile, dequantize, ggml_type, map_name, rope_freq_factors
 from llamaforge.gguf_writer import write_gguf
 from llamaforge.model import Transformer
 from llamaforge.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer_file, tokenizer_from_gguf
@@ -122,6 +122,25 @@ def test_dequantize_matches_gguf_py_on_random_data(qtype):
 
 
 @needs_default_model
+def test_our_ggml_type_table_agrees_with_gguf_py():
+    for type_id, (name, block, size) in _GGML_TYPES.items():
+        ref = Q(type_id)
+        assert ref.name == name and gguf.GGML_QUANT_SIZES[ref] == (block, size)
+        ours = ggml_type(type_id)[0]
+        assert ours == ref and hash(ours) == hash(ref) and gguf.GGML_QUANT_SIZES[ours] == (block, size)
+    assert ggml_type(int(Q.IQ4_NL))[0] is Q.IQ4_NL  # an id outside the table: gguf-py's own
+
+
+@needs_default_model
+def test_loading_the_default_model_does_not_import_gguf_py():
+    import subprocess
+    import sys
+    code = "import sys, llamaforge; llamaforge.load(llamaforge.DEFAULT_MODEL); print('gguf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False"
+
+
 def test_default_model_matches_gguf_reader():
     """Every metadata value and a sample of each tensor type, against gguf-py's GGUFReader."""
     ours = GGUFFile(default_gguf())

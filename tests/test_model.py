@@ -108,13 +108,14 @@ def test_setup_caches_reuse_and_regrow():
 
 
 @torch.no_grad()
-def test_causal_mask_moves_with_the_model():
+def test_causal_masks_are_made_per_call_not_kept():
+    from llamaforge.model import causal
     model = tiny()
     model.setup_caches(1, 16)
-    assert "causal_mask" in dict(model.named_buffers())  # so model.to(device) moves it with the caches
-    assert "causal_mask" not in model.state_dict()
-    model.clear_caches()
-    assert "causal_mask" not in dict(model.named_buffers())
+    assert not any(b.dim() == 2 and b.shape == (16, 16) for b in model.buffers())  # no (S, S) table to carry
+    assert causal(torch.tensor([2]), 4).tolist() == [[True, True, True, False]]
+    pos = torch.tensor([[0, 1], [3, 4]])
+    assert torch.equal(causal(pos, 5), torch.tril(torch.ones(5, 5, dtype=torch.bool))[pos])
 
 
 @torch.no_grad()

@@ -151,40 +151,85 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
     float r = hsum8(_mm256_add_ps(a0, a1)), c = c0 + c1;                                             \
     return min ? r + c : r - 8 * c;                                                                  \
   }                                                                                                  \
-  TARGET void q4_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, int hdr, bool min, float* out, int64_t ldo) { \
+  /* R activation rows against one weight row, each block unpacked once; accumulators in registers     \
+     (R is a constant). Per row: the one-row loop's arithmetic, in its order (bit-identical results). */ \
+  template <int R> TARGET inline void q4_tile_##SUFFIX(const uint8_t* w, const QRow* xs, int nb, int hdr, bool min, float* out, int64_t ldo) { \
     int bb = hdr + 16;                                                                               \
-    __m256 a[2][MAXM]; float c[2][MAXM];                                                             \
-    for (int m = 0; m < M; m++) { a[0][m] = a[1][m] = _mm256_setzero_ps(); c[0][m] = c[1][m] = 0; }  \
-    for (int b = 0; b < nb; b++, w += bb) {                                                          \
-      float d = _cvtsh_ss(*(const uint16_t*)w), off = min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d; \
-      __m256i u = nibbles32(w + hdr); int p = b & 1;  /* the one-row loop's accumulator */        \
-      for (int m = 0; m < M; m++) {                                                                  \
+    __m256 a0[R], a1[R]; float c0[R], c1[R];                                                         \
+    for (int m = 0; m < R; m++) { a0[m] = a1[m] = _mm256_setzero_ps(); c0[m] = c1[m] = 0; }          \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 2 * bb) {                                                        \
+      float d0 = _cvtsh_ss(*(const uint16_t*)w), f0 = min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d0; \
+      float d1 = _cvtsh_ss(*(const uint16_t*)(w + bb)), f1 = min ? _cvtsh_ss(*(const uint16_t*)(w + bb + 2)) : d1; \
+      __m256i u0 = nibbles32(w + hdr), u1 = nibbles32(w + bb + hdr);                                 \
+      for (int m = 0; m < R; m++) {                                                                  \
         const QRow& x = xs[m];                                                                       \
-        __m256i s = UDOT(u, _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32)));              \
-        a[p][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), a[p][m]);       \
-        c[p][m] += off * x.s[b];                                                                     \
+        __m256i s0 = UDOT(u0, _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32)));            \
+        __m256i s1 = UDOT(u1, _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32 + 32)));       \
+        a0[m] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x.d[b]), _mm256_cvtepi32_ps(s0), a0[m]);         \
+        a1[m] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x.d[b + 1]), _mm256_cvtepi32_ps(s1), a1[m]);     \
+        c0[m] += f0 * x.s[b];                                                                        \
+        c1[m] += f1 * x.s[b + 1];                                                                    \
       }                                                                                              \
     }                                                                                                \
-    for (int m = 0; m < M; m++) {                                                                    \
-      float r = hsum8(_mm256_add_ps(a[0][m], a[1][m])), cc = c[0][m] + c[1][m];                      \
+    if (b < nb) {                                                                                    \
+      float d0 = _cvtsh_ss(*(const uint16_t*)w), f0 = min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d0; \
+      __m256i u0 = nibbles32(w + hdr);                                                               \
+      for (int m = 0; m < R; m++) {                                                                  \
+        const QRow& x = xs[m];                                                                       \
+        __m256i s0 = UDOT(u0, _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32)));            \
+        a0[m] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x.d[b]), _mm256_cvtepi32_ps(s0), a0[m]);         \
+        c0[m] += f0 * x.s[b];                                                                        \
+      }                                                                                              \
+    }                                                                                                \
+    for (int m = 0; m < R; m++) {                                                                    \
+      float r = hsum8(_mm256_add_ps(a0[m], a1[m])), cc = c0[m] + c1[m];                              \
       out[m * ldo] = min ? r + cc : r - 8 * cc;                                                      \
     }                                                                                                \
   }                                                                                                  \
-  TARGET void q8_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, float* out, int64_t ldo) { \
-    __m256 a[2][MAXM];                                                                               \
-    for (int m = 0; m < M; m++) a[0][m] = a[1][m] = _mm256_setzero_ps();                             \
-    for (int b = 0; b < nb; b++, w += 34) {                                                          \
-      float d = _cvtsh_ss(*(const uint16_t*)w);                                                      \
-      __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2)), aw = _mm256_sign_epi8(wq, wq);       \
-      int p = b & 1;                                                                                 \
-      for (int m = 0; m < M; m++) {                                                                  \
+  TARGET void q4_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, int hdr, bool min, float* out, int64_t ldo) { \
+    int m = 0;                                                                                       \
+    for (; m + 4 <= M; m += 4) q4_tile_##SUFFIX<4>(w, xs + m, nb, hdr, min, out + m * ldo, ldo);     \
+    switch (M - m) {                                                                                 \
+      case 3: q4_tile_##SUFFIX<3>(w, xs + m, nb, hdr, min, out + m * ldo, ldo); break;               \
+      case 2: q4_tile_##SUFFIX<2>(w, xs + m, nb, hdr, min, out + m * ldo, ldo); break;               \
+      case 1: q4_tile_##SUFFIX<1>(w, xs + m, nb, hdr, min, out + m * ldo, ldo); break;               \
+    }                                                                                                \
+  }                                                                                                  \
+  template <int R> TARGET inline void q8_tile_##SUFFIX(const uint8_t* w, const QRow* xs, int nb, float* out, int64_t ldo) { \
+    __m256 a0[R], a1[R];                                                                             \
+    for (int m = 0; m < R; m++) a0[m] = a1[m] = _mm256_setzero_ps();                                 \
+    int b = 0;                                                                                       \
+    for (; b + 1 < nb; b += 2, w += 68) {                                                            \
+      float d0 = _cvtsh_ss(*(const uint16_t*)w), d1 = _cvtsh_ss(*(const uint16_t*)(w + 34));        \
+      __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 2)), w1 = _mm256_loadu_si256((const __m256i*)(w + 36)); \
+      __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1);                        \
+      for (int m = 0; m < R; m++) {                                                                  \
         const QRow& x = xs[m];                                                                       \
-        __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                     \
-        __m256i s = UDOT(aw, _mm256_sign_epi8(xq, wq));                                              \
-        a[p][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), a[p][m]);       \
+        __m256i x0 = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                     \
+        __m256i x1 = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32 + 32));                \
+        a0[m] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * x.d[b]), _mm256_cvtepi32_ps(UDOT(aw0, _mm256_sign_epi8(x0, w0))), a0[m]); \
+        a1[m] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * x.d[b + 1]), _mm256_cvtepi32_ps(UDOT(aw1, _mm256_sign_epi8(x1, w1))), a1[m]); \
       }                                                                                              \
     }                                                                                                \
-    for (int m = 0; m < M; m++) out[m * ldo] = hsum8(_mm256_add_ps(a[0][m], a[1][m]));               \
+    if (b < nb) {                                                                                    \
+      float d0 = _cvtsh_ss(*(const uint16_t*)w);                                                     \
+      __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 2)), aw0 = _mm256_sign_epi8(w0, w0);      \
+      for (int m = 0; m < R; m++) {                                                                  \
+        __m256i x0 = _mm256_loadu_si256((const __m256i*)(xs[m].q.data() + b * 32));                 \
+        a0[m] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xs[m].d[b]), _mm256_cvtepi32_ps(UDOT(aw0, _mm256_sign_epi8(x0, w0))), a0[m]); \
+      }                                                                                              \
+    }                                                                                                \
+    for (int m = 0; m < R; m++) out[m * ldo] = hsum8(_mm256_add_ps(a0[m], a1[m]));                   \
+  }                                                                                                  \
+  TARGET void q8_dots_##SUFFIX(const uint8_t* w, const QRow* xs, int M, int nb, float* out, int64_t ldo) { \
+    int m = 0;                                                                                       \
+    for (; m + 4 <= M; m += 4) q8_tile_##SUFFIX<4>(w, xs + m, nb, out + m * ldo, ldo);               \
+    switch (M - m) {                                                                                 \
+      case 3: q8_tile_##SUFFIX<3>(w, xs + m, nb, out + m * ldo, ldo); break;                         \
+      case 2: q8_tile_##SUFFIX<2>(w, xs + m, nb, out + m * ldo, ldo); break;                         \
+      case 1: q8_tile_##SUFFIX<1>(w, xs + m, nb, out + m * ldo, ldo); break;                         \
+    }                                                                                                \
   }                                                                                                  \
   TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 2, false); } \
   TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 4, true); }  \
