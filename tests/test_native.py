@@ -263,3 +263,29 @@ def test_default_model_fused_step_close_to_fp32_and_memory_flat(default_llm, def
     for n in range(3, 15):
         chat(n)
     assert rss_mb() - first < 50  # no per-chat growth: the step keeps nothing between calls
+
+
+PROMPT_LENGTHS = """
+import resource, sys, torch, llamaforge
+llm = llamaforge.load(llamaforge.DEFAULT_MODEL, threads=1)
+m = llm.model
+m.setup_caches(1, 256)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+with torch.no_grad():
+    for i, T in enumerate(range(20, 100)):
+        m(torch.randint(300, 40000, (1, T)), torch.arange(T), last_only=True)
+        if i == 9:
+            first = rss()
+print(rss() - first)
+"""
+
+
+@needs_default_model
+def test_prompts_of_many_lengths_keep_memory_flat_on_the_bf16_path():
+    # oneDNN caches a primitive per GEMM shape (1,024 by default): every new prompt length kept ~3 MB
+    env = dict(os.environ, LLAMAFORGE_BF16="1")
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    env.pop("LRU_CACHE_CAPACITY", None)
+    out = subprocess.run([sys.executable, "-c", PROMPT_LENGTHS], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) < 40  # 70 new lengths: ~200 MB without the cache bound
