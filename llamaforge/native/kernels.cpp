@@ -129,30 +129,11 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
 
-// One block's contribution: its int32x8 partial dot products scaled into acc, its offset term into corr.
-// Two independent accumulator pairs: the fmadd chain (4 cycles a block) would otherwise bound the loop.
+// Each block's int32x8 partial dot products are scaled into an accumulator, its offset term into a corr sum.
+// Even and odd blocks go to two accumulator pairs: one fmadd chain (4 cycles a block) would bound the loop.
 #define DEFINE_SIMD_DOTS(SUFFIX, TARGET, UDOT)                                                         \
-  TARGET inline void q4_block_##SUFFIX(const uint8_t* w, int hdr, bool min, const QRow& x, int b, __m256& acc, float& corr) { \
-    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
-    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
-    __m256i s = UDOT(nibbles32(w + hdr), xq);                                                        \
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
-    corr += (min ? _cvtsh_ss(*(const uint16_t*)(w + 2)) : d) * x.s[b];                               \
-  }                                                                                                  \
-  TARGET inline float q4_dot_##SUFFIX(const uint8_t* w, const QRow& x, int nb, int hdr, bool min) {  \
-    int bb = hdr + 16;                                                                               \
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(); float c0 = 0, c1 = 0;                \
-    int b = 0;                                                                                       \
-    for (; b + 1 < nb; b += 2, w += 2 * bb) {                                                        \
-      q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                                  \
-      q4_block_##SUFFIX(w + bb, hdr, min, x, b + 1, a1, c1);                                         \
-    }                                                                                                \
-    if (b < nb) q4_block_##SUFFIX(w, hdr, min, x, b, a0, c0);                                        \
-    float r = hsum8(_mm256_add_ps(a0, a1)), c = c0 + c1;                                             \
-    return min ? r + c : r - 8 * c;                                                                  \
-  }                                                                                                  \
   /* R activation rows against one weight row, each block unpacked once; accumulators in registers     \
-     (R is a constant). Per row: the one-row loop's arithmetic, in its order (bit-identical results). */ \
+     (R is a constant). A row's result does not depend on R: one-row dots are R = 1 (bit-identical).  */ \
   template <int R> TARGET inline void q4_tile_##SUFFIX(const uint8_t* w, const QRow* xs, int nb, int hdr, bool min, float* out, int64_t ldo) { \
     int bb = hdr + 16;                                                                               \
     __m256 a0[R], a1[R]; float c0[R], c1[R];                                                         \
@@ -231,23 +212,10 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
       case 1: q8_tile_##SUFFIX<1>(w, xs + m, nb, out + m * ldo, ldo); break;                         \
     }                                                                                                \
   }                                                                                                  \
-  TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 2, false); } \
-  TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { return q4_dot_##SUFFIX(w, x, nb, 4, true); }  \
-  TARGET inline void q8_block_##SUFFIX(const uint8_t* w, const QRow& x, int b, __m256& acc) {        \
-    /* signed x signed: |w| as unsigned times x with w's sign (ggml's mul_sum_i8_pairs) */            \
-    float d = _cvtsh_ss(*(const uint16_t*)w);                                                        \
-    __m256i wq = _mm256_loadu_si256((const __m256i*)(w + 2));                                        \
-    __m256i xq = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * 32));                         \
-    __m256i s = UDOT(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));                            \
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(s), acc);                   \
-  }                                                                                                  \
-  TARGET float dot_q8_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) {                           \
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                      \
-    int b = 0;                                                                                       \
-    for (; b + 1 < nb; b += 2, w += 68) { q8_block_##SUFFIX(w, x, b, a0); q8_block_##SUFFIX(w + 34, x, b + 1, a1); } \
-    if (b < nb) q8_block_##SUFFIX(w, x, b, a0);                                                      \
-    return hsum8(_mm256_add_ps(a0, a1));                                                             \
-  }                                                                                                  \
+  /* one activation row: the tiles at R = 1 (one arithmetic for decode and verify rows) */         \
+  TARGET float dot_q4_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { float r; q4_tile_##SUFFIX<1>(w, &x, nb, 2, false, &r, 1); return r; } \
+  TARGET float dot_q4_1_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { float r; q4_tile_##SUFFIX<1>(w, &x, nb, 4, true, &r, 1); return r; }  \
+  TARGET float dot_q8_0_##SUFFIX(const uint8_t* w, const QRow& x, int nb) { float r; q8_tile_##SUFFIX<1>(w, &x, nb, &r, 1); return r; } \
   TARGET float dot_f32_##SUFFIX(const float* w, const float* x, int K) {                              \
     __m256 acc = _mm256_setzero_ps(); int k = 0;                                                    \
     for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), acc); \
@@ -255,8 +223,6 @@ inline __m256i udot_vnni(__m256i u, __m256i s) {
     for (; k < K; k++) r += w[k] * x[k];                                                             \
     return r;                                                                                        \
   }
-
-constexpr int MAXM = 16;  // rows one multi-row pass carries (longer inputs go in groups)
 
 DEFINE_SIMD_DOTS(avx2, __attribute__((target("avx2,fma,f16c"))), udot_avx2)
 DEFINE_SIMD_DOTS(vnni, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), udot_vnni)
@@ -494,11 +460,8 @@ void matvec_rows(const Weight& w, int M, const float* xf, const std::vector<QRow
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = w.data + n * w.row_bytes;
     if (multi) {
-      for (int m0 = 0; m0 < M; m0 += MAXM) {
-        int mm = std::min(MAXM, M - m0);
-        if (w.type == Q8_0) D.q8m(row, xq.data() + m0, mm, nb, y + m0 * ldy + n, ldy);
-        else D.q4m(row, xq.data() + m0, mm, nb, w.type == Q4_0 ? 2 : 4, w.type == Q4_1, y + m0 * ldy + n, ldy);
-      }
+      if (w.type == Q8_0) D.q8m(row, xq.data(), M, nb, y + n, ldy);  // in tiles of up to 4 rows
+      else D.q4m(row, xq.data(), M, nb, w.type == Q4_0 ? 2 : 4, w.type == Q4_1, y + n, ldy);
       continue;
     }
     for (int m = 0; m < M; m++) {
